@@ -1,0 +1,10 @@
+"""latentgp: Gaussian-process and Bayesian latent-variable models on one kernel algebra.
+
+Importing latentgp has no global side effects: no seeding, no change of torch's default dtype.
+"""
+from . import kernels, linalg
+from .io import load
+from .models.exact import GPRegressor
+
+__all__ = ["kernels", "linalg", "load", "GPRegressor"]
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+# placeholder: being written
+
+def HidaMatern(*args, **kwargs):
+    raise NotImplementedError

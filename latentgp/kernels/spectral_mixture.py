@@ -1,0 +1,4 @@
+# placeholder: being written
+
+def SpectralMixture(*args, **kwargs):
+    raise NotImplementedError

@@ -1,0 +1,7 @@
+# placeholder: being written
+class StateSpaceForm:
+    pass
+
+
+def state_space_form(kernel):
+    raise NotImplementedError
