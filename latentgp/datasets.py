@@ -1,0 +1,26 @@
+"""Loaders for the data sets in data/ and simulators shared by tests, tutorials and the demo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _path(name: str) -> Path:
+    path = DATA_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: latentgp's data sets ship in the repository's data/ folder "
+            "(install from a clone of the repository, e.g. `pip install -e .`)."
+        )
+    return path
+
+
+def load_co2() -> pd.DataFrame:
+    """Monthly mean atmospheric CO2 at Mauna Loa, 1958-2001 (see data/README.md).
+
+    Columns: ``month`` (str YYYY-MM), ``year`` (decimal year), ``co2`` (ppmv), ``n_weeks``.
+    """
+    return pd.read_csv(_path("mauna_loa_co2_monthly.csv"))
