@@ -37,7 +37,7 @@ class ExactGPPrior(gpytorch.Module):
             self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(())))
             self.register_constraint("raw_noise", gpytorch.constraints.Positive())
         else:
-            self.register_buffer("fixed_noise", torch.tensor(float(noise)))
+            self.register_buffer("fixed_noise", torch.tensor(float(noise), dtype=torch.float64))
 
     @property
     def noise(self) -> torch.Tensor:
