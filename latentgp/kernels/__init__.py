@@ -11,6 +11,7 @@ from .hida_matern import HidaMatern
 from .matern import Matern
 from .spectral import spectral_density
 from .spectral_mixture import SpectralMixture
-from .state_space import StateSpaceForm, state_space_form
+from .state_space import StateSpaceForm, matern_state_space, state_space_form
 
-__all__ = ["Matern", "HidaMatern", "SpectralMixture", "spectral_density", "state_space_form", "StateSpaceForm"]
+__all__ = ["Matern", "HidaMatern", "SpectralMixture", "spectral_density", "state_space_form", "StateSpaceForm",
+           "matern_state_space"]
