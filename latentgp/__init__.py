@@ -5,6 +5,7 @@ Importing latentgp has no global side effects: no seeding, no change of torch's 
 from . import kernels, linalg
 from .io import load
 from .models.exact import GPRegressor
+from .models.state_space import StateSpaceGP
 
-__all__ = ["kernels", "linalg", "load", "GPRegressor"]
+__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP"]
 __version__ = "0.1.0"

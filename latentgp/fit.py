@@ -105,12 +105,23 @@ def optimize(
             return loss.item()
 
     elif method == "lbfgs":
-        # max_iter=1: one quasi-Newton iteration per step, so history/early stopping see every iterate.
-        opt = torch.optim.LBFGS(params, lr=1.0 if lr is None else lr, max_iter=1, line_search_fn="strong_wolfe")
+        # max_iter=1: one quasi-Newton iteration per step, so history/early stopping see every iterate;
+        # max_eval must then be raised explicitly or the line search gets a single evaluation and stalls.
+        opt = torch.optim.LBFGS(params, lr=1.0 if lr is None else lr, max_iter=1, max_eval=25,
+                                line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = loss_fn()
+            try:
+                loss = loss_fn()
+            except torch.linalg.LinAlgError:
+                loss = None
+            if loss is None or not torch.isfinite(loss):
+                # A line-search trial point outside the valid region (e.g. a lengthscale underflowing
+                # to 0): report +inf so the strong-Wolfe search backtracks instead of crashing.
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                return torch.tensor(math.inf, dtype=params[0].dtype)
             loss.backward()
             return loss.detach()
 

@@ -73,6 +73,8 @@ class GPRegressor(Model):
     ``jitter_`` (0.0 if none) and announced with a ``JitterWarning``.
     """
 
+    default_nu = 2.5  # smoothness of the default Matérn kernel
+
     def __init__(self, kernel=None, mean: str = "constant", noise: float | None = None, priors=None,
                  dtype=DEFAULT_DTYPE):
         from ..kernels import Matern
@@ -83,7 +85,8 @@ class GPRegressor(Model):
             raise ValueError(f"`mean` must be 'constant' or 'zero'; got {mean!r}.")
         noise = check_positive(noise, "noise", allow_none=True)
         self._default_kernel = kernel is None
-        kernel = gpytorch.kernels.ScaleKernel(Matern(nu=2.5)) if kernel is None else kernel
+        kernel = gpytorch.kernels.ScaleKernel(Matern(nu=self.default_nu)) if kernel is None else kernel
+        self._check_kernel(kernel)
         self.config = {"mean": mean, "noise": noise}
         self.dtype = dtype
         self.prior = ExactGPPrior(kernel, mean, noise).to(dtype)
@@ -101,16 +104,20 @@ class GPRegressor(Model):
     def kernel(self):
         return self.prior.kernel
 
+    def _check_kernel(self, kernel):
+        """Hook for solvers that support only some kernels (raise TypeError naming an alternative)."""
+
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, x=None, steps: int = 100, method: str = "lbfgs", lr: float | None = None,
             progress: bool | None = None, tol: float = 1e-9, seed: int | None = None,
-            num_samples: int = 300, warmup: int = 300):
+            num_samples: int = 300, warmup: int = 300, max_tree_depth: int = 6):
         """Fit to inputs ``X`` and targets ``y``.
 
         ``X`` may be a DataFrame and ``y`` one of its column names (inputs: ``x`` or the other columns).
         ``steps=0`` only conditions on the data. ``method``: ``"lbfgs"`` (default) or ``"adam"`` for the
         MAP/type-II maximum likelihood fit; ``"svi"`` (Pyro, AutoNormal guide); ``"nuts"`` (``steps``
-        of L-BFGS to initialise, then ``num_samples`` NUTS draws after ``warmup``).
+        of L-BFGS to initialise, then ``num_samples`` NUTS draws after ``warmup``; ``max_tree_depth`` caps
+        the leapfrog steps per draw at 2**max_tree_depth, which bounds the cost of a poorly adapted warm-up).
         """
         X, y, x = split_frame(X, y, x)
         if y is None:
@@ -153,7 +160,7 @@ class GPRegressor(Model):
                     set_values(self.prior, self._sites, self._guide.median(X_t, y_t))
                 self._pyro_state = state
             if method == "nuts":
-                self._run_nuts(X_t, y_t, num_samples, warmup, progress)
+                self._run_nuts(X_t, y_t, num_samples, warmup, max_tree_depth, progress)
         self._condition()
         return self
 
@@ -177,9 +184,9 @@ class GPRegressor(Model):
         values = current_values(self.prior, self._sites) if values is None else values
         return {k: (v.item() if v.numel() == 1 else v.detach().flatten().tolist()) for k, v in values.items()}
 
-    def _lml(self, X, y, *, warn=True, module=None, raw=None):
-        module = self.prior if module is None else module
-        mean, K, noise = module(X) if raw is None else functional_call(module, raw, (X,))
+    def _lml(self, X, y, *, warn=True, raw=None):
+        """Log marginal likelihood (differentiable); caches the factorisation in ``self._last``."""
+        mean, K, noise = self.prior(X) if raw is None else functional_call(self.prior, raw, (X,))
         K = K + noise * torch.eye(X.shape[0], dtype=X.dtype)
         value, L, alpha, jitter = gaussian_log_marginal(K, y - mean, warn=warn)
         self._last = (L, alpha, jitter, mean)
@@ -207,7 +214,11 @@ class GPRegressor(Model):
             self._require_fitted("pyro_model() without data")
             X, y = self._train[0].values, self._train[1]
         values = {s.name: pyro.sample(s.name, s.prior) for s in self._sites}
-        mean, K, noise = functional_call(self.prior, raw_overrides(self._sites, values), (X,))
+        self._observe(X, y, raw_overrides(self._sites, values))
+
+    def _observe(self, X, y, raw):
+        """The likelihood statement of :meth:`pyro_model` at hyperparameters ``raw``."""
+        mean, K, noise = functional_call(self.prior, raw, (X,))
         K = K + noise * torch.eye(X.shape[0], dtype=X.dtype)
         try:
             L, _ = safe_cholesky(K, warn=False)
@@ -223,12 +234,16 @@ class GPRegressor(Model):
             self._guide = pyro.infer.autoguide.AutoNormal(self.pyro_model)
         return self._guide(X, y)
 
-    def _run_nuts(self, X, y, num_samples, warmup, progress):
+    def _run_nuts(self, X, y, num_samples, warmup, max_tree_depth, progress):
         init = current_values(self.prior, self._sites)
-        kernel = pyro.infer.NUTS(self.pyro_model, init_strategy=pyro.infer.autoguide.init_to_value(values=init))
+        kernel = pyro.infer.NUTS(self.pyro_model, init_strategy=pyro.infer.autoguide.init_to_value(values=init),
+                                 max_tree_depth=check_int(max_tree_depth, "max_tree_depth", 1))
         mcmc = pyro.infer.MCMC(kernel, num_samples=check_int(num_samples, "num_samples", 1),
                                warmup_steps=check_int(warmup, "warmup"), disable_progbar=not show_progress(progress))
-        mcmc.run(X, y)
+        # Early warm-up leapfrog steps can overshoot to values outside a prior's support (exp underflow
+        # to 0); with validation off these get zero density and are rejected instead of raising.
+        with pyro.validation_enabled(False):
+            mcmc.run(X, y)
         self.samples_ = {k: v.detach() for k, v in mcmc.get_samples().items()}
         # Point hyperparameters: posterior medians (used by log_marginal_likelihood and plots).
         set_values(self.prior, self._sites, {k: v.median(0).values for k, v in self.samples_.items()})

@@ -52,14 +52,14 @@ def build_sites(module, user_priors: dict | None = None, loc_scale: float = 1.0)
         raw = param.detach().clone()
         if constraint is None:
             name = raw_name.replace("raw_", "")
-            prior = dist.Normal(raw, torch.full_like(raw, loc_scale))
+            prior = dist.Normal(raw, torch.full_like(raw, loc_scale), validate_args=False)
         elif _is_plain_positive(constraint):
             name = raw_name.replace("raw_", "")
             value = constraint.transform(raw)
-            prior = dist.LogNormal(value.log(), torch.ones_like(value))
+            prior = dist.LogNormal(value.log(), torch.ones_like(value), validate_args=False)
         else:
             name = raw_name
-            prior = dist.Normal(raw, torch.ones_like(raw))
+            prior = dist.Normal(raw, torch.ones_like(raw), validate_args=False)
         if name in user_priors:
             prior = user_priors.pop(name)
         prior = prior.expand(param.shape).to_event(param.dim()) if param.dim() else prior
