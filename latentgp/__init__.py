@@ -5,7 +5,8 @@ Importing latentgp has no global side effects: no seeding, no change of torch's 
 from . import kernels, linalg
 from .io import load
 from .models.exact import GPRegressor
+from .models.poisson_latent import PoissonLatentGP
 from .models.state_space import StateSpaceGP
 
-__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP"]
+__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP"]
 __version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""cvHM (PoissonLatentGP): CVI against exact Gaussian conditioning, recovery of VdP latents, errors."""
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import latentgp as lgp
+from latentgp.kernels import HidaMatern, state_space_form
+from latentgp.likelihoods import Gaussian
+from latentgp.simulate import r_squared_affine, simulate_vdp_spikes
+from latentgp.variational.cvi import Sites, elbo_terms, expected_loglik, joint_state_space, site_targets
+
+T64 = torch.float64
+
+
+def test_one_cvi_step_with_gaussian_likelihood_is_exact_posterior():
+    rng = np.random.default_rng(0)
+    L, D, T, noise, bw = 2, 5, 40, 0.3, 0.1
+    kernel = HidaMatern(order=1, batch_shape=torch.Size([L])).double()
+    kernel.lengthscale = torch.tensor([[[0.4]], [[1.1]]], dtype=T64)
+    kernel.omega = torch.tensor([[[2.0]], [[0.7]]], dtype=T64)
+    C = torch.tensor(rng.standard_normal((L, D)), dtype=T64)
+    d = torch.tensor(rng.standard_normal(D), dtype=T64)
+    y = torch.tensor(rng.standard_normal((1, T, D)), dtype=T64)
+    dt = torch.full((T,), bw, dtype=T64)
+    dt[0] = 0
+    lik = Gaussian(noise)
+    with torch.no_grad():
+        A, Q, P0, H = joint_state_space(state_space_form(kernel), dt)
+        prior_var = (H @ P0 @ H.T).expand(1, T, L, L)
+        _, g1, g2 = expected_loglik(lik, y, torch.zeros(1, T, L, dtype=T64), prior_var, C, d)
+        sites = Sites.zeros((1,), T, L, T64).damped(*site_targets(g1, g2, torch.zeros(1, T, L, dtype=T64), C), 1.0)
+        elbo, m_f, V_f = elbo_terms(A, Q, P0, H, sites, lik, y, C, d)
+        # dense reference: f stacked as (t, l); K block structure from the kernel itself
+        t = torch.arange(T, dtype=T64) * bw
+        Kl = kernel(t.unsqueeze(-1)).to_dense()  # (L, T, T)
+    K = np.zeros((T * L, T * L))
+    for l in range(L):
+        K[l::L, l::L] = Kl[l].numpy()
+    G = np.kron(np.eye(T), C.numpy().T)  # (T*D, T*L)
+    resid = (y[0] - d).numpy().reshape(-1)
+    # stable form (no inverse of the ill-conditioned prior covariance)
+    KG = K @ G.T
+    M = np.linalg.solve(G @ KG + noise * np.eye(T * D), np.c_[resid, KG.T])
+    mean = KG @ M[:, 0]
+    S = K - KG @ M[:, 1:]
+    np.testing.assert_allclose(m_f[0].numpy().reshape(-1), mean, rtol=1e-8, atol=1e-10)
+    for tt in range(T):
+        np.testing.assert_allclose(V_f[0, tt].numpy(), S[tt * L:(tt + 1) * L, tt * L:(tt + 1) * L],
+                                   rtol=1e-8, atol=1e-10)
+    # at the exact posterior the ELBO is the log marginal likelihood
+    lml = scipy.stats.multivariate_normal(np.tile(d.numpy(), T), G @ K @ G.T + noise * np.eye(T * D)).logpdf(
+        y[0].numpy().reshape(-1))
+    assert elbo.item() == pytest.approx(lml, rel=1e-8)
+
+
+@pytest.fixture(scope="module")
+def small_vdp():
+    return simulate_vdp_spikes(n_trials=4, n_bins=250, n_neurons=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_fit(small_vdp):
+    return lgp.PoissonLatentGP(2, bin_width=small_vdp["bin_width"]).fit(small_vdp["counts"], steps=25, progress=False)
+
+
+def test_recovers_van_der_pol_latents(small_fit, small_vdp):
+    r2 = r_squared_affine(small_fit.latents(), small_vdp["latents"])
+    assert r2 > 0.9
+    var = small_fit.latent_variance()
+    assert var.shape == (4, 250, 2) and (var > 0).all() and (var < 1.0 + 1e-9).all()  # shrinks from unit prior
+    rates = small_fit.rates()
+    # predicted rates track the true rates
+    assert np.corrcoef(rates.ravel(), small_vdp["rates"].ravel())[0, 1] > 0.8
+    frame = small_fit.to_frame()
+    assert list(frame.columns) == ["trial", "bin", "time", "latent", "mean", "var", "lower", "upper"]
+    assert len(frame) == 4 * 250 * 2
+
+
+def test_elbo_not_decreasing_and_history(small_fit):
+    loss = small_fit.history["loss"].to_numpy()
+    assert loss[-1] < loss[0]
+    assert {"lengthscale_0", "omega_1"} <= set(small_fit.history.columns)
+
+
+def test_save_load_roundtrip(small_fit, tmp_path):
+    small_fit.save(tmp_path / "cvhm.pt")
+    loaded = lgp.load(tmp_path / "cvhm.pt")
+    np.testing.assert_array_equal(loaded.latents(), small_fit.latents())
+
+
+def test_bad_inputs():
+    good = np.ones((2, 20, 5), dtype=int)
+    with pytest.raises(ValueError, match="`counts`"):
+        lgp.PoissonLatentGP(2).fit(-good)
+    with pytest.raises(ValueError, match="`counts`"):
+        lgp.PoissonLatentGP(2).fit(good + 0.5)
+    with pytest.raises(ValueError, match="`counts`"):
+        lgp.PoissonLatentGP(6).fit(good)
+    with pytest.raises(ValueError, match="`n_latents`"):
+        lgp.PoissonLatentGP(0)
+    with pytest.raises(ValueError, match="`bin_width`"):
+        lgp.PoissonLatentGP(2, bin_width=0)
+    with pytest.raises(ValueError, match="`kernel`"):
+        lgp.PoissonLatentGP(2, kernel=HidaMatern(order=1))
+    with pytest.raises(TypeError, match="state-space"):
+        import gpytorch
+
+        lgp.PoissonLatentGP(2, kernel=gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])))
+    with pytest.raises(ValueError, match="`likelihood`"):
+        lgp.PoissonLatentGP(2, likelihood="gamma")
+    with pytest.raises(ValueError, match="`counts`"):
+        lgp.PoissonLatentGP(2, likelihood="bernoulli").fit(good * 2)
