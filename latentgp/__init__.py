@@ -5,8 +5,9 @@ Importing latentgp has no global side effects: no seeding, no change of torch's 
 from . import kernels, linalg
 from .io import load
 from .models.exact import GPRegressor
+from .models.gpfa import GPFA
 from .models.poisson_latent import PoissonLatentGP
 from .models.state_space import StateSpaceGP
 
-__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP"]
+__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA"]
 __version__ = "0.1.0"
