@@ -83,11 +83,15 @@ class PoissonLatentGP(Model):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, counts, *, steps: int = 150, lr: float = 0.05, cvi_step: float = 0.5, warmup: int = 5,
-            learn_hyperparameters: bool = True, progress=None, tol: float | None = 1e-6, seed=None):
-        """Fit by CVI (sites) + Adam on the ELBO (loadings, biases, kernel hyperparameters).
+            hyperparameters: str = "elbo", whittle_every: int = 10, progress=None, tol: float | None = 1e-6,
+            seed=None):
+        """Fit by CVI (sites) + Adam on the ELBO (loadings, biases and, by default, kernel hyperparameters).
 
         ``warmup`` CVI steps with everything else fixed come first; then every step is one damped CVI
-        step (``cvi_step``) and one Adam step (``lr``). ``history`` records the negative ELBO per bin.
+        step (``cvi_step``) and one Adam step (``lr``). ``hyperparameters``: ``"elbo"`` (learned with
+        the loadings), ``"whittle"`` (every ``whittle_every`` steps, maximise the aliased Whittle
+        likelihood of the posterior's expected periodogram, :mod:`latentgp.whittle`) or ``"fixed"``.
+        ``history`` records the negative ELBO per bin and the hyperparameters.
         """
         from ..neuro import check_counts
 
@@ -101,6 +105,9 @@ class PoissonLatentGP(Model):
         steps, warmup = check_int(steps, "steps"), check_int(warmup, "warmup")
         if not 0 < cvi_step <= 1:
             raise ValueError(f"`cvi_step` must be in (0, 1]; got {cvi_step}.")
+        if hyperparameters not in ("elbo", "whittle", "fixed"):
+            raise ValueError(f"`hyperparameters` must be 'elbo', 'whittle' or 'fixed'; got {hyperparameters!r}.")
+        whittle_every = check_int(whittle_every, "whittle_every", 1)
 
         y = torch.as_tensor(y_np, dtype=self.dtype)
         C0, d0, lengthscales, omegas = _init_from_counts(y_np, self.n_latents, self.bin_width)
@@ -116,8 +123,9 @@ class PoissonLatentGP(Model):
         dt[0] = 0.0
         self._dt = dt
 
-        params = [self.C, self.d] + (list(self.kernel.parameters()) if learn_hyperparameters else [])
+        params = [self.C, self.d] + (list(self.kernel.parameters()) if hyperparameters == "elbo" else [])
         opt = torch.optim.Adam(params, lr=lr)
+        count = [0]
 
         def step(update_params=True):
             opt.zero_grad()
@@ -130,6 +138,9 @@ class PoissonLatentGP(Model):
             with torch.no_grad():  # CVI on the sites at the q just computed
                 _, g1, g2 = expected_loglik(self.likelihood, y, m_f, V_f, self.C, self.d)
                 self.sites = self.sites.damped(*site_targets(g1, g2, m_f, self.C.detach()), cvi_step)
+            count[0] += update_params
+            if hyperparameters == "whittle" and update_params and count[0] % whittle_every == 0:
+                self._whittle_update()
             return loss.item()
 
         with seeded(seed):
@@ -137,6 +148,26 @@ class PoissonLatentGP(Model):
             self.history = train(step, steps=steps, progress=progress, tol=tol, record=self._record, desc="cvHM")
         self._posterior()
         return self
+
+    def _whittle_update(self, iterations: int = 10, num_samples: int = 16):
+        """Kernel hyperparameters from the aliased Whittle likelihood of E_q[periodogram].
+
+        E_q[I] is averaged over posterior sample paths (Matheron's rule on the Kalman smoother), so it
+        includes the posterior's *correlated* uncertainty: using |FFT(mean)|² alone, or adding
+        |FFT(std)|², puts the uncertainty at the wrong frequencies and biases the lengthscales."""
+        from ..fit import optimize
+        from ..variational.cvi import sample_posterior_latents
+        from ..whittle import periodogram, whittle_log_likelihood
+
+        with torch.no_grad():
+            A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
+            f = sample_posterior_latents(A, Q, P0, H, self.sites, num_samples)  # (S, N, T, L)
+            freqs, I = periodogram(f.transpose(-1, -2), self.bin_width)  # (S, N, L, J)
+            expected = (freqs, I.mean(0))
+        n_terms = expected[1].numel()
+        optimize(lambda: -whittle_log_likelihood(self.kernel, None, self.bin_width,
+                                                 expected_periodogram=expected) / n_terms,
+                 self.kernel.parameters(), method="lbfgs", steps=iterations, progress=False)
 
     @staticmethod
     def _check_gaussian(y):

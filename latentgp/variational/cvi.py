@@ -120,3 +120,42 @@ def elbo_terms(A, Q, P0, H, sites: Sites, likelihood, y, C, d):
     loglik, _, _ = expected_loglik(likelihood, y, m_f, V_f, C, d)
     elbo = sm.log_likelihood.sum() + loglik.sum() - site_expected_log(sites, y_site, R_site, mask, m_f, V_f).sum()
     return elbo, m_f, V_f
+
+
+def sample_prior_states(A, Q, P0, batch, generator=None):
+    """Draws of the prior state path x_0..x_{T-1}, shape (*batch, T, S), by an associative scan of the
+    affine maps x_t = A_t x_{t-1} + chol(Q_t) ε_t (no Python loop over time)."""
+    from ..linalg.scan import associative_scan
+
+    T, S = A.shape[-3], A.shape[-1]
+    eye = torch.eye(S, dtype=A.dtype)
+    # Q(0) can be exactly singular (no noise over a zero step): factorise with a tiny jitter.
+    chol_Q = torch.linalg.cholesky(Q + 1e-12 * Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None] * eye
+                                   + 1e-300 * eye)
+    eps = torch.randn(T, *batch, S, 1, dtype=A.dtype, generator=generator)
+    b = chol_Q.reshape(T, *([1] * len(batch)), S, S) @ eps
+    b[0] = torch.linalg.cholesky(P0) @ eps[0]
+    A_t = A.reshape(T, *([1] * len(batch)), S, S).expand(T, *batch, S, S).clone()
+    A_t[0] = 0.0  # x_0 is drawn directly from P0
+
+    def combine(earlier, later):
+        (A1, b1), (A2, b2) = earlier, later
+        return A2 @ A1, A2 @ b1 + b2
+
+    _, x = associative_scan(combine, (A_t, b))
+    return x.squeeze(-1).movedim(0, -2)
+
+
+def sample_posterior_latents(A, Q, P0, H, sites: Sites, num_samples: int, generator=None):
+    """Draws of f = H x from q by Matheron's rule: f_q = f_prior + E_q-smoother[ỹ - f_prior - e].
+
+    Returns (num_samples, *sites batch, T, L). Used for the exact expected periodogram under q."""
+    y_site, R_site, mask = sites.pseudo_observations()
+    batch = (num_samples, *y_site.shape[:-2])
+    x = sample_prior_states(A, Q, P0, batch, generator)
+    f_prior = x @ H.T
+    chol_R = torch.linalg.cholesky(R_site)
+    e = (chol_R @ torch.randn(*batch, *y_site.shape[-2:], 1, dtype=A.dtype, generator=generator)).squeeze(-1)
+    resid = torch.where(mask.unsqueeze(-1), y_site - f_prior - e, torch.zeros_like(f_prior))
+    sm = kalman_smoother(A, Q, H, R_site, resid, P0, mask=mask)
+    return f_prior + sm.means @ H.T
