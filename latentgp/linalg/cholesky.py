@@ -23,13 +23,15 @@ def safe_cholesky(K: torch.Tensor, *, max_jitter: float = 1e-4, warn: bool = Tru
 
     Returns ``(L, jitter)`` where ``jitter`` is the absolute value added to the diagonal (0.0 if none).
     """
+    L, info = torch.linalg.cholesky_ex(K)
+    # NaN/inf in the (used) lower triangle propagate to L's diagonal, so checking it is enough on
+    # the fast path; the full scan of K runs only after a failure, to give the right message.
+    if not bool((info > 0).any()) and bool(torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
+        return L, 0.0
     if not torch.isfinite(K).all():
         raise torch.linalg.LinAlgError(
             f"The {what} matrix has NaN or inf entries; check the inputs and hyperparameters."
         )
-    L, info = torch.linalg.cholesky_ex(K)
-    if not bool((info > 0).any()):
-        return L, 0.0
     scale = K.diagonal(dim1=-2, dim2=-1).abs().mean().item() or 1.0
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     rel = 1e-10

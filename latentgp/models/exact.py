@@ -26,6 +26,11 @@ from .hyper import build_sites, current_values, raw_overrides, set_values
 _METHODS = ("lbfgs", "adam", "svi", "nuts")
 
 
+def _add_to_diagonal(K, value):
+    """K + value I without materialising the identity (an n² saving per step, forward and backward)."""
+    return K.diagonal_scatter(K.diagonal(dim1=-2, dim2=-1) + value, dim1=-2, dim2=-1)
+
+
 class ExactGPPrior(gpytorch.Module):
     """Mean, kernel and Gaussian noise of an exact GP."""
 
@@ -187,7 +192,7 @@ class GPRegressor(Model):
     def _lml(self, X, y, *, warn=True, raw=None):
         """Log marginal likelihood (differentiable); caches the factorisation in ``self._last``."""
         mean, K, noise = self.prior(X) if raw is None else functional_call(self.prior, raw, (X,))
-        K = K + noise * torch.eye(X.shape[0], dtype=X.dtype)
+        K = _add_to_diagonal(K, noise)
         value, L, alpha, jitter = gaussian_log_marginal(K, y - mean, warn=warn)
         self._last = (L, alpha, jitter, mean)
         return value
@@ -219,7 +224,7 @@ class GPRegressor(Model):
     def _observe(self, X, y, raw):
         """The likelihood statement of :meth:`pyro_model` at hyperparameters ``raw``."""
         mean, K, noise = functional_call(self.prior, raw, (X,))
-        K = K + noise * torch.eye(X.shape[0], dtype=X.dtype)
+        K = _add_to_diagonal(K, noise)
         try:
             L, _ = safe_cholesky(K, warn=False)
         except torch.linalg.LinAlgError:
@@ -348,7 +353,7 @@ class GPRegressor(Model):
         Lk, _ = safe_cholesky(K, warn=False, max_jitter=1e-2)
         f_prior = mean + Lk @ torch.randn_like(y)
         eps = noise.sqrt() * torch.randn_like(y)
-        Ln, _ = safe_cholesky(K + noise * torch.eye(len(y), dtype=y.dtype), warn=False)
+        Ln, _ = safe_cholesky(_add_to_diagonal(K, noise), warn=False)
         return f_prior + K @ torch.cholesky_solve((y - f_prior - eps).unsqueeze(-1), Ln).squeeze(-1)
 
     # ------------------------------------------------------------------ save / load
