@@ -41,7 +41,8 @@ def kernel_pairs():
                       skk.ConstantKernel(0.6, "fixed") * skk.Matern(1.3, "fixed", nu=2.5)),
         "rbf": (scaled(with_ls(gpytorch.kernels.RBFKernel(), 0.7), 1.3),
                 skk.ConstantKernel(1.3, "fixed") * skk.RBF(0.7, "fixed")),
-        "sum": (scaled(with_ls(gpytorch.kernels.RBFKernel(), 2.0), 1.0) + scaled(with_ls(lgp.kernels.Matern(nu=1.2), 0.4), 0.3),
+        "sum": (scaled(with_ls(gpytorch.kernels.RBFKernel(), 2.0), 1.0)
+                + scaled(with_ls(lgp.kernels.Matern(nu=1.2), 0.4), 0.3),
                 skk.ConstantKernel(1.0, "fixed") * skk.RBF(2.0, "fixed")
                 + skk.ConstantKernel(0.3, "fixed") * skk.Matern(0.4, "fixed", nu=1.2)),
         "product": (scaled(with_ls(gpytorch.kernels.RBFKernel(), 3.0), 2.0) * with_ls(lgp.kernels.Matern(nu=0.8), 1.1),

@@ -78,7 +78,7 @@ model = lgp.GPRegressor(kernel=kernel)
 model.fit(train[["t", "co2"]], "co2", steps=5 if SMOKE else 40, progress=False)
 print(f"log marginal likelihood: {model.log_marginal_likelihood():.2f}, noise variance: {model.prior.noise.item():.3f}")
 ax = model.history.plot(x="step", y="loss", legend=False)
-ax.set_ylabel("negative log marginal likelihood per point");
+ax.set_ylabel("negative log marginal likelihood per point")
 
 # %% [markdown]
 # ## Forecast
@@ -91,13 +91,13 @@ forecast = model.predict(grid, include_noise=True)
 forecast["year"] = forecast["t"] + 1958
 ax = plot_posterior(forecast.drop(columns="t"), x="year", data=(co2["year"], co2["co2"]),
                     data_kwargs={"s": 2, "color": "k"})
-ax.set_ylabel("CO$_2$ (ppmv)");
+ax.set_ylabel("CO$_2$ (ppmv)")
 
 # %%
 # Zoom on the seasonal cycle at the end of the record and in the forecast.
 ax = plot_posterior(forecast.drop(columns="t").query("year > 1995"), x="year",
                     data=(co2.query("year > 1995")["year"], co2.query("year > 1995")["co2"]))
-ax.set_ylabel("CO$_2$ (ppmv)");
+ax.set_ylabel("CO$_2$ (ppmv)")
 
 # %% [markdown]
 # ## Bayesian hyperparameters with NUTS
@@ -131,10 +131,10 @@ az.summary(idata, var_names=["~f"], kind="stats")
 
 # %%
 az.plot_trace(idata, var_names=["noise", "kernel.base_kernel.period_length"], figsize=(11, 4))
-plt.tight_layout();
+plt.tight_layout()
 
 # %%
-az.plot_ppc(idata, num_pp_samples=50, figsize=(11, 4));
+az.plot_ppc(idata, num_pp_samples=50, figsize=(11, 4))
 
 # %%
 az.loo(idata)

@@ -52,7 +52,7 @@ model = lgp.StateSpaceGP(kernel=kernel, mean="constant").fit(t, y, steps=5 if SM
 print(f"log marginal likelihood {model.log_marginal_likelihood():.2f}; "
       f"learned period {2 * np.pi / kernel.kernels[1].base_kernel.omega.item():.2f} (truth 7)")
 pred = model.predict(np.linspace(-5, 110, 800))
-plot_posterior(pred, data=(t, y), data_kwargs={"s": 3});
+plot_posterior(pred, data=(t, y), data_kwargs={"s": 3})
 
 # %% [markdown]
 # ## Same numbers as the dense GP
@@ -98,4 +98,4 @@ for name in ("Kalman (StateSpaceGP)", "Cholesky (GPRegressor)"):
     ax.loglog(xs, ys, "o-", label=name)
 ax.set_xlabel("number of time points n")
 ax.set_ylabel("seconds per LML + gradient")
-ax.legend();
+ax.legend()

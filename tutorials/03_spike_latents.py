@@ -22,7 +22,6 @@
 import os
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 import latentgp as lgp
 from latentgp.demos import _counts_to_spike_times
@@ -57,7 +56,7 @@ model = lgp.PoissonLatentGP(n_latents=2, bin_width=binned.bin_width)
 model.fit(binned.counts, steps=15 if SMOKE else 60, progress=False)
 print(f"R² of the posterior mean vs the true latents (after an affine map): "
       f"{r_squared_affine(model.latents(), sim['latents']):.3f}")
-model.history.plot(x="step", y="loss", legend=False, ylabel="negative ELBO per bin");
+model.history.plot(x="step", y="loss", legend=False, ylabel="negative ELBO per bin")
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)

@@ -279,7 +279,8 @@ class GPRegressor(Model):
         cols = list(inputs.columns) if isinstance(X, pd.DataFrame) else None
         new = as_inputs(X, "X", columns=cols, dtype=self.dtype)
         if new.values.shape[1] != inputs.values.shape[1]:
-            raise ValueError(f"`X` has {new.values.shape[1]} columns; the model was fitted on {inputs.values.shape[1]}.")
+            raise ValueError(f"`X` has {new.values.shape[1]} columns; the model was fitted on "
+                             f"{inputs.values.shape[1]}.")
         with torch.no_grad():
             if self.samples_ is None or self.method_ != "nuts":
                 mean, var = self._posterior_moments(new.values, include_noise, cache=self._cache)
