@@ -222,3 +222,12 @@ def test_save_load_predicts_bitwise(tmp_path, data):
     with pytest.raises(ValueError, match="`path`"):
         torch.save({"x": 1}, tmp_path / "bad.pt")
         lgp.load(tmp_path / "bad.pt")
+
+
+def test_first_fit_keeps_hyperparameters_the_user_set(data):
+    X, y = data
+    model = lgp.GPRegressor(mean="constant")
+    model.prior.mean_module.constant = t(-3.0)
+    model.fit(X, y, steps=0)
+    assert model.prior.mean_module.constant.item() == -3.0  # user value kept
+    assert model.prior.noise.item() == pytest.approx(0.1 * np.var(y, ddof=1), rel=1e-10)  # data-initialised

@@ -62,8 +62,8 @@ plot_posterior(pred, data=(t, y), data_kwargs={"s": 3})
 # %%
 import copy  # noqa: E402
 
-dense = lgp.GPRegressor(kernel=copy.deepcopy(model.kernel), noise=model.prior.noise.item(), mean="constant")
-dense.prior.load_state_dict(model.prior.state_dict())
+dense = lgp.GPRegressor(kernel=copy.deepcopy(model.kernel), mean="constant")
+dense.prior.load_state_dict(model.prior.state_dict())  # identical hyperparameters
 dense.fit(t, y, steps=0)
 print("LML  state space:", model.log_marginal_likelihood(), " dense:", dense.log_marginal_likelihood())
 p_dense = dense.predict(np.linspace(-5, 110, 800))

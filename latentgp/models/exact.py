@@ -96,6 +96,9 @@ class GPRegressor(Model):
         self.dtype = dtype
         self.prior = ExactGPPrior(kernel, mean, noise).to(dtype)
         self.user_priors = priors
+        # Parameters still at these construction values at the first fit get data-driven starting
+        # values; anything the user set (or loaded) in between is left alone.
+        self._pristine = {k: v.detach().clone() for k, v in self.prior.state_dict().items()}
         self.history = None
         self.jitter_ = 0.0
         self.samples_ = None  # NUTS / SVI draws of the hyperparameters
@@ -176,13 +179,19 @@ class GPRegressor(Model):
         return k
 
     def _init_from_data(self, X, y):
+        state = self.prior.state_dict()
+
+        def untouched(name):
+            return name in self._pristine and torch.equal(state[name], self._pristine[name])
+
         with torch.no_grad():
-            if isinstance(self.prior.mean_module, gpytorch.means.ConstantMean):
+            if isinstance(self.prior.mean_module, gpytorch.means.ConstantMean) and untouched("mean_module.raw_constant"):
                 self.prior.mean_module.constant = y.mean()
-            if not hasattr(self.prior, "fixed_noise"):
+            if not hasattr(self.prior, "fixed_noise") and untouched("raw_noise"):
                 self.prior.raw_noise.copy_(self.prior.raw_noise_constraint.inverse_transform(0.1 * y.var()))
-            if self._default_kernel:
+            if self._default_kernel and untouched("kernel.raw_outputscale"):
                 self.kernel.outputscale = y.var()
+            if self._default_kernel and untouched("kernel.base_kernel.raw_lengthscale"):
                 self.kernel.base_kernel.lengthscale = X.std(0).mean().clamp_min(1e-6)
 
     def _record(self, values=None):

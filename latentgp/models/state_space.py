@@ -56,6 +56,7 @@ class StateSpaceGP(GPRegressor):
         state = self.prior.state_dict()
         self.prior = StateSpacePrior(self.prior.kernel, mean, noise).to(self.dtype)
         self.prior.load_state_dict(state)
+        self._pristine = {k: v.detach().clone() for k, v in self.prior.state_dict().items()}
 
     def _check_kernel(self, kernel):
         state_space_form(kernel)  # raises TypeError naming a kernel with a state-space form
