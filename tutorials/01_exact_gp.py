@@ -135,7 +135,7 @@ az.plot_trace(idata, var_names=["noise", "kernel.base_kernel.period_length"], fi
 plt.tight_layout()
 
 # %%
-az.plot_ppc(idata, num_pp_samples=50, figsize=(11, 4))
+az.plot_ppc(idata, num_pp_samples=5 if SMOKE else 50, figsize=(11, 4))
 
 # %%
 az.loo(idata)
