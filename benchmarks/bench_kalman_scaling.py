@@ -1,10 +1,20 @@
-"""Scaling of the parallel-scan Kalman filter: time of log-likelihood + backward vs T.
+"""Scaling of the parallel-scan Kalman filter: time of log-likelihood + gradient vs T, against pyro.
 
-Model: Matérn-3/2 GP as a 2-state SDE, exactly discretised on an irregular grid, observed with noise.
-Reports the log-log slope of (best-of-`repeats`) wall time over T = 1e3 .. 1e5, and compares the value and
-value+gradient time against pyro's ``IndependentMaternGP(nu=1.5)`` on a regular grid.
+Model: Matérn-3/2 GP as a 2-state SDE (exact discretisation, closed-form A and Q per step), observed
+with Gaussian noise, batch 1. For every T both sides evaluate the log marginal likelihood of the same
+y on the same regular grid (pyro's ``IndependentMaternGP`` needs one) and backpropagate to their three
+hyperparameters:
 
-Run:  .venv/bin/python benchmarks/bench_kalman_scaling.py [--quick] [--repeats 5] [--threads 1] [--no-pyro]
+* ours: build (A_t, Q_t) from (lengthscale, sigma) with autograd, ``kalman_filter(...).log_likelihood``,
+  ``.backward()``;
+* pyro: ``IndependentMaternGP(nu=1.5).log_prob(y).sum().backward()``.
+
+The two are timed in the same process, alternating (so background load hits both alike), and the
+median over rounds is reported, together with the log-log slope of time vs T over 1e3 .. 1e5, a linear
+fit ``time = fixed + per_step * T`` and the paired time ratio ours / pyro at the largest T. The values
+must agree to 1e-8 (relative). Also timed: our smoother without gradients (``kalman_smoother``).
+
+Run:  .venv/bin/python benchmarks/bench_kalman_scaling.py [--quick] [--repeats 7] [--threads 1] [--no-pyro]
 (or through benchmarks/run_all.py, which calls ``main(quick=...)``).
 
 Single-threaded by default: the kernels are many small batched ops, for which intra-op threads add
@@ -15,14 +25,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
+from common import append_rows, describe, machine, markdown_table, median, paired_ratio, time_interleaved
 
 from latentgp.linalg.kalman import kalman_filter, kalman_smoother
 
 DT = torch.float64
+STEP = 0.01  # grid spacing
+ELL, SIGMA, NOISE = 0.3, 1.2, 0.4  # lengthscale, kernel scale (std), observation noise (std)
 
 
 def matern32(dt, lengthscale, sigma):
@@ -43,117 +55,116 @@ def loglik(dt, y, ell, sigma, noise):
 
 
 def params():
-    return [torch.tensor(v, dtype=DT, requires_grad=True) for v in (0.3, 1.2, 0.4)]
+    return [torch.tensor(v, dtype=DT, requires_grad=True) for v in (ELL, SIGMA, NOISE)]
 
 
-def time_value_and_grad(fn, repeats):
-    """Best-of-`repeats` wall time; also best process CPU time, which a busy shared machine distorts less."""
-    best, best_cpu = math.inf, math.inf
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-    return best, best_cpu
+def _fits(Ts, times):
+    slope = float(np.polyfit(np.log(Ts), np.log(times), 1)[0])
+    per_step, fixed = np.polyfit(Ts, times, 1)
+    return slope, float(fixed), float(per_step)
 
 
-def main(quick: bool = False, repeats: int = 5, threads: int = 1, pyro: bool = True):
+def main(quick: bool = False, repeats: int = 7, threads: int = 1, pyro: bool = True):
     n_threads = torch.get_num_threads()  # restored afterwards: run_all.py runs benches in one process
     torch.set_num_threads(threads)
     try:
-        _run(quick, repeats, pyro)
+        return _run(quick, repeats, pyro)
     finally:
         torch.set_num_threads(n_threads)
 
 
 def _run(quick, repeats, pyro):
-    g = torch.Generator().manual_seed(0)
-    if quick:
-        repeats = min(repeats, 2)
-
+    info = machine()
     Ts = [1_000, 2_000, 5_000, 10_000, 20_000] + ([] if quick else [50_000, 100_000])
-    times, cpu_times, times_smooth = [], [], []
+    if quick:
+        repeats = min(repeats, 3)
+    if pyro:
+        from pyro.contrib.timeseries import IndependentMaternGP
+    g = torch.Generator().manual_seed(0)
+    rows = []
     for T in Ts:
-        dt = torch.rand(T, generator=g, dtype=DT) * 0.02 + 0.005
         y = torch.randn(T, 1, generator=g, dtype=DT)
+        dt = torch.full((T,), STEP, dtype=DT)
 
-        def step(dt=dt, y=y):
-            ell, sigma, noise = params()
-            loglik(dt, y, ell, sigma, noise).backward()
+        def ours(dt=dt, y=y):
+            ll = loglik(dt, y, *params())
+            ll.backward()
+            return ll.item()
 
-        def smooth(dt=dt, y=y):
+        def smoother(dt=dt, y=y):
             with torch.no_grad():
-                A, Q, Pinf = matern32(dt, torch.tensor(0.3, dtype=DT), torch.tensor(1.2, dtype=DT))
-                H, R = torch.tensor([[1.0, 0.0]], dtype=DT), torch.full((1, 1, 1), 0.16, dtype=DT)
+                A, Q, Pinf = matern32(dt, torch.tensor(ELL, dtype=DT), torch.tensor(SIGMA, dtype=DT))
+                H, R = torch.tensor([[1.0, 0.0]], dtype=DT), torch.full((1, 1, 1), NOISE**2, dtype=DT)
                 kalman_smoother(A, Q, H, R, y, Pinf)
 
-        step()  # warm-up
-        wall, cpu = time_value_and_grad(step, repeats)
-        times.append(wall)
-        cpu_times.append(cpu)
-        times_smooth.append(time_value_and_grad(smooth, repeats)[0])
-        print(
-            f"T={T:>7d}  loglik+backward {wall:8.4f} s (cpu {cpu:8.4f} s)   "
-            f"smoother (no grad) {times_smooth[-1]:8.4f} s"
+        fns = {"ours": ours, "smoother": smoother}
+        if pyro:
+            # .double(): pyro builds its obs_matrix buffer in float32
+            gp = IndependentMaternGP(
+                nu=1.5,
+                dt=STEP,
+                obs_dim=1,
+                length_scale_init=torch.tensor([ELL], dtype=DT),
+                kernel_scale_init=torch.tensor([SIGMA], dtype=DT),
+                obs_noise_scale_init=torch.tensor([NOISE], dtype=DT),
+            ).double()
+
+            def pyro_step(gp=gp, y=y):
+                gp.zero_grad()
+                lp = gp.log_prob(y).sum()
+                lp.backward()
+                return lp.item()
+
+            fns["pyro"] = pyro_step
+        values = {name: fn() for name, fn in fns.items() if name != "smoother"}
+        reps = max(repeats, min(51, 100_000 // T))  # small T: cheap, so more rounds
+        t = time_interleaved(fns, repeats=reps, warmup=1)
+        row = {"T": T, "repeats": reps, "ours_ms": round(median(t["ours"]) * 1e3, 3)}
+        if pyro:
+            row["pyro_ms"] = round(median(t["pyro"]) * 1e3, 3)
+            row["ratio_ours_over_pyro"] = round(paired_ratio(t["ours"], t["pyro"]), 3)
+            row["loglik_rel_diff"] = f"{abs(values['ours'] - values['pyro']) / abs(values['pyro']):.1e}"
+        row["smoother_nograd_ms"] = round(median(t["smoother"]) * 1e3, 3)
+        rows.append(row)
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+    print(f"\nKalman LML + gradient, Matérn-3/2 (s=2), batch 1 -- {describe(info)}\n")
+    print(markdown_table(rows))
+    summary = []
+    for name, key in (("ours", "ours_ms"), ("pyro", "pyro_ms"), ("ours smoother (no grad)", "smoother_nograd_ms")):
+        if key not in rows[0]:
+            continue
+        times = [r[key] / 1e3 for r in rows]
+        slope, fixed, per_step = _fits(Ts, times)
+        summary.append(
+            {
+                "": name,
+                "log-log slope": f"{slope:.3f}",
+                "fit fixed (ms)": f"{fixed * 1e3:.2f}",
+                "fit per step (us)": f"{per_step * 1e6:.3f}",
+            }
         )
-    slope = np.polyfit(np.log(Ts), np.log(times), 1)[0]
-    slope_s = np.polyfit(np.log(Ts), np.log(times_smooth), 1)[0]
-    slope_cpu = np.polyfit(np.log(Ts), np.log(cpu_times), 1)[0]
-    print(
-        f"log-log slope over T={Ts[0]:.0e}..{Ts[-1]:.0e}: loglik+backward {slope:.3f} "
-        f"(cpu time {slope_cpu:.3f}), smoother {slope_s:.3f}"
-    )
-    big = [i for i, T in enumerate(Ts) if T >= 10_000]
-    slope_big = np.polyfit(np.log(np.take(Ts, big)), np.log(np.take(times, big)), 1)[0]
-    print(f"log-log slope over T=1e+04..{Ts[-1]:.0e}: loglik+backward {slope_big:.3f}")
-    # time = a + b T: a is the fixed cost of ~log2(T) levels of small torch ops, b the O(T) work
-    b, a = np.polyfit(Ts, times, 1)
-    print(f"linear fit loglik+backward: {a * 1e3:.1f} ms + {b * 1e6:.2f} us x T")
-
-    if not pyro:
-        return
-    from pyro.contrib.timeseries import IndependentMaternGP
-
-    for T in (10_000,) if quick else (10_000, 100_000):
-        step_dt = 0.01
-        y = torch.randn(T, 1, generator=g, dtype=DT)
-        dt = torch.full((T,), step_dt, dtype=DT)
-        ell0, sigma0, noise0 = (p.item() for p in params())
-        # .double(): pyro builds its obs_matrix buffer in float32
-        gp = IndependentMaternGP(
-            nu=1.5,
-            dt=step_dt,
-            obs_dim=1,
-            length_scale_init=torch.tensor([ell0], dtype=DT),
-            kernel_scale_init=torch.tensor([sigma0], dtype=DT),
-            obs_noise_scale_init=torch.tensor([noise0], dtype=DT),
-        ).double()
-
-        def pyro_step(gp=gp, y=y):
-            gp.zero_grad()
-            lp = gp.log_prob(y).sum()
-            lp.backward()
-            return lp
-
-        def ours_step(dt=dt, y=y):
-            ell, sigma, noise = params()
-            ll = loglik(dt, y, ell, sigma, noise)
-            ll.backward()
-            return ll
-
-        lp_pyro, lp_ours = pyro_step().item(), ours_step().item()
-        t_pyro = time_value_and_grad(pyro_step, repeats)[0]
-        t_ours = time_value_and_grad(ours_step, repeats)[0]
+    print(f"\nFits over T = {Ts[0]:.0e} .. {Ts[-1]:.0e} (time = fixed + per_step * T; slope of log time vs log T):\n")
+    print(markdown_table(summary))
+    if pyro:
+        last = rows[-1]
         print(
-            f"T={T}: pyro IndependentMaternGP log_prob {lp_pyro:.10f}, ours {lp_ours:.10f}, "
-            f"rel diff {abs(lp_pyro - lp_ours) / abs(lp_ours):.2e}; value+grad time pyro {t_pyro:.3f} s, "
-            f"ours {t_ours:.3f} s, ratio pyro/ours {t_pyro / t_ours:.2f}"
+            f"\nAt T = {last['T']}: ours {last['ours_ms']:.1f} ms, pyro {last['pyro_ms']:.1f} ms, "
+            f"ours / pyro = {last['ratio_ours_over_pyro']:.2f} (median of paired rounds); "
+            f"log-likelihoods agree to {last['loglik_rel_diff']} (relative)."
         )
+        worst = max(float(r["loglik_rel_diff"]) for r in rows)
+        if worst > 1e-8:
+            print(f"WARNING: ours and pyro's log-likelihoods differ by {worst:.1e} (relative) > 1e-8")
+    path = append_rows("kalman_scaling", rows, info)
+    print(f"\n(rows appended to {path})")
+    return rows
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T up to 2e4, fewer repeats")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="rounds per T (at least; more for small T)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-pyro", action="store_true")
     args = ap.parse_args()

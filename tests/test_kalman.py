@@ -12,7 +12,7 @@ import scipy.stats
 import torch
 
 from latentgp.linalg.kalman import kalman_filter, kalman_smoother
-from latentgp.linalg.scan import associative_scan
+from latentgp.linalg.scan import associative_scan, state_scan
 
 DT = torch.float64
 
@@ -281,6 +281,140 @@ def test_associative_scan_noncommutative(n, reverse):
         ref[i] = acc
     assert torch.allclose(out[0], torch.stack([ref[i][0] for i in range(n)]), atol=1e-12)
     assert torch.allclose(out[1], torch.stack([ref[i][1] for i in range(n)]), atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [129, 257, 517])
+def test_odd_scan_levels_match_sequential_twin(T):
+    """Lengths that make the odd/even (Blelloch) levels of both scans odd before Hillis-Steele takes over."""
+    model = random_model(T, s=2, p=1, batch=(2,), T=T)
+    mf, Pf, ms, Ps, cross, ll = sequential_kalman(**model)
+    f = kalman_filter(**model)
+    r = kalman_smoother(**model)
+    errs = dict(
+        mf=_relerr(f.means, mf),
+        Pf=_relerr(f.covs, Pf),
+        ms=_relerr(r.means, ms),
+        Ps=_relerr(r.covs, Ps),
+        cross=_relerr(r.cross_covs, cross),
+        ll=_relerr(f.log_likelihood, ll),
+    )
+    assert max(errs.values()) <= 1e-10, errs
+
+
+@pytest.mark.parametrize("T", [25, 517])
+@pytest.mark.parametrize("which", ["loglik", "filter", "smoother"])
+def test_gradients_of_every_output_match_sequential_twin(T, which):
+    """Gradients of the log-likelihood alone (the one-scan adjoint), of a weighted sum of every filter
+    output (the general adjoint) and of every smoother output, for every input, vs autograd through the
+    textbook recursion."""
+    model = random_model(19 + T, s=2, p=2, batch=(2,), T=T)
+    model["y"] = torch.nan_to_num(model["y"], nan=0.3)
+    leaves = ("A", "Q", "H", "R", "y", "P0", "m0")
+    for k in leaves:
+        model[k] = model[k].clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(T)
+    w = {
+        k: torch.randn(shape, generator=g, dtype=DT)
+        for k, shape in (("ll", (2,)), ("m", (2, T, 2)), ("P", (2, T, 2, 2)), ("c", (2, T - 1, 2, 2)))
+    }
+    mf, Pf, ms, Ps, cross, ll = sequential_kalman(**model)
+    if which == "loglik":
+        ours = kalman_filter(**model).log_likelihood
+        loss, ref = (w["ll"] * ours).sum(), (w["ll"] * ll).sum()
+    elif which == "filter":
+        r = kalman_filter(**model)
+        loss = (w["ll"] * r.log_likelihood).sum() + (w["m"] * r.means).sum() + (w["P"] * r.covs).sum()
+        ref = (w["ll"] * ll).sum() + (w["m"] * mf).sum() + (w["P"] * Pf).sum()
+    else:
+        r = kalman_smoother(**model)
+        loss = (w["ll"] * r.log_likelihood).sum() + (w["m"] * r.means).sum() + (w["P"] * r.covs).sum()
+        loss = loss + (w["c"] * r.cross_covs).sum()
+        ref = (w["ll"] * ll).sum() + (w["m"] * ms).sum() + (w["P"] * Ps).sum() + (w["c"] * cross).sum()
+    got = torch.autograd.grad(loss, [model[k] for k in leaves])
+    want = torch.autograd.grad(ref, [model[k] for k in leaves])
+    for k, a, b in zip(leaves, got, want, strict=True):
+        if k in ("Q", "R", "P0"):  # symmetrised on entry: the gradient is the symmetric part
+            b = 0.5 * (b + b.mT)
+        assert _relerr(a, b) <= 1e-8, (k, _relerr(a, b))
+
+
+def test_broadcast_inputs_get_summed_gradients():
+    """Size-1 time axes, missing batch axes and a plain 2-D H: gradients equal those of the expanded
+    inputs, summed over the broadcast axes."""
+    T, s, p, nb = 40, 2, 1, 3
+    m = random_model(5, s, p, (nb,), T, time_varying_H=False, missing=0.2)
+    y = torch.nan_to_num(m["y"], nan=0.0)
+    small = dict(A=m["A"][0, 3:4], Q=m["Q"][0, 3:4], H=m["H"], R=m["R"][0, :1], P0=m["P0"][0], m0=m["m0"][0])
+    small = {k: v.clone().requires_grad_(True) for k, v in small.items()}
+    ll = kalman_filter(small["A"], small["Q"], small["H"], small["R"], y, small["P0"], small["m0"], m["mask"])
+    g_small = torch.autograd.grad(ll.log_likelihood.sum(), list(small.values()))
+    big = dict(
+        A=small["A"].detach().expand(nb, T, s, s),
+        Q=small["Q"].detach().expand(nb, T, s, s),
+        H=small["H"].detach().expand(nb, T, p, s),
+        R=small["R"].detach().expand(nb, T, p, p),
+        P0=small["P0"].detach().expand(nb, s, s),
+        m0=small["m0"].detach().expand(nb, s),
+    )
+    big = {k: v.clone().requires_grad_(True) for k, v in big.items()}
+    ll_big = kalman_filter(big["A"], big["Q"], big["H"], big["R"], y, big["P0"], big["m0"], m["mask"])
+    assert _relerr(ll.log_likelihood, ll_big.log_likelihood) <= 1e-13
+    g_big = torch.autograd.grad(ll_big.log_likelihood.sum(), list(big.values()))
+    for k, a, b in zip(small, g_small, g_big, strict=True):
+        b = b.sum((0, 1) if b.dim() == 4 else 0).reshape(a.shape)
+        assert _relerr(a, b) <= 1e-12, k
+
+
+def test_second_derivatives_are_refused():
+    m = random_model(2, 2, 1, (), 10, missing=0.0)
+    Q = m["Q"].clone().requires_grad_(True)
+    ll = kalman_filter(m["A"], Q, m["H"], m["R"], m["y"], m["P0"]).log_likelihood
+    (gQ,) = torch.autograd.grad(ll, Q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gQ.sum().backward()
+
+
+def test_float32():
+    m = random_model(4, 2, 1, (3,), 300, missing=0.1)
+    ref = kalman_filter(**m).log_likelihood
+    m32 = {k: v.float() if v.is_floating_point() else v for k, v in m.items()}
+    m32["Q"].requires_grad_(True)
+    r = kalman_filter(**m32)
+    r.log_likelihood.sum().backward()
+    assert r.means.dtype == torch.float32 and torch.isfinite(m32["Q"].grad).all()
+    assert torch.allclose(r.log_likelihood.double(), ref, rtol=1e-4)
+    assert kalman_smoother(**m32).covs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 17, 33, 100])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("base", [1, 4, 128])
+def test_state_scan_affine_recursion(n, reverse, base):
+    """x_t = M_t x_{t-1} + v_t (x_{-1} = 0), or x_t = M_t x_{t+1} + v_t from the end, vs a Python loop;
+    elements are packed [M | v] with the states x as prefixes."""
+    g = torch.Generator().manual_seed(n)
+    d = 3
+    E = torch.cat((0.6 * torch.randn(n, d, d, generator=g, dtype=DT), torch.randn(n, d, 1, generator=g, dtype=DT)), 2)
+
+    def compose(outer, inner):  # x -> outer(inner(x))
+        return torch.cat((outer[..., :d] @ inner[..., :d], outer[..., :d] @ inner[..., d:] + outer[..., d:]), -1)
+
+    combine = (lambda a, b: compose(a, b)) if reverse else (lambda a, b: compose(b, a))
+
+    def apply(x, e):
+        return e[..., :d] @ x + e[..., d:]
+
+    def run(E):
+        return state_scan(combine, apply, lambda e: e[..., d:], E, axis=0, reverse=reverse, base=base)
+
+    out = run(E)
+    x, ref = torch.zeros(d, 1, dtype=DT), [None] * n
+    for t in range(n - 1, -1, -1) if reverse else range(n):
+        x = apply(x, E[t])
+        ref[t] = x
+    assert torch.allclose(out, torch.stack(ref), atol=1e-12)
+    if n <= 9:
+        assert torch.autograd.gradcheck(run, (E.clone().requires_grad_(True),))
 
 
 # ------------------------------------------------------------------------------------------------
