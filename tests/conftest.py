@@ -8,14 +8,19 @@ os.environ.setdefault("LATENTGP_SMOKE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread():
-    # Two intra-op threads contend badly on the small (2-core, shared) CI machine: one is faster.
+def _one_thread():
+    """Small batched matrices: on the shared 2-core CI machine intra-op threads (torch's and
+    OpenBLAS's) only add contention -- seconds of jitter -- so tests run single-threaded."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture

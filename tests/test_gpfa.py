@@ -1,5 +1,4 @@
 """GPFA: E-step against dense Gaussian conditioning, EM monotonicity, recovery on Poisson data, I/O."""
-import contextlib
 
 import numpy as np
 import pytest
@@ -13,22 +12,6 @@ from latentgp.simulate import gp_latents, poisson_spikes, r_squared_affine
 
 BW = 0.02  # 20 ms bins
 TAUS = np.array([0.05, 0.1, 0.2])  # seconds: 2.5, 5 and 10 bins
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small dense matrices: on a shared few-core box intra-op threads only add contention."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = contextlib.nullcontext
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ from latentgp.whittle import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two shared cores under load: intra-op threads spin against each other (15 ms per 50k-element op)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def scaled(base, scale, **hypers):
     k = gpytorch.kernels.ScaleKernel(base).to(DT)
     k.outputscale = scale
