@@ -9,8 +9,9 @@ hyperparameters:
   ``.backward()``;
 * pyro: ``IndependentMaternGP(nu=1.5).log_prob(y).sum().backward()``.
 
-The two are timed in the same process, alternating (so background load hits both alike), and the
-median over rounds is reported, together with the log-log slope of time vs T over 1e3 .. 1e5, a linear
+The two are timed in the same process in rounds that visit every (T, method) once, in alternating
+order (so background load hits all sizes and both methods alike), and the median over rounds is
+reported, together with the log-log slope of time vs T over 1e3 .. 1e5, a linear
 fit ``time = fixed + per_step * T`` and the paired time ratio ours / pyro at the largest T. The values
 must agree to 1e-8 (relative). Also timed: our smoother without gradients (``kalman_smoother``).
 
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import numpy as np
 import torch
-from common import append_rows, describe, machine, markdown_table, median, paired_ratio, time_interleaved
+from common import append_rows, describe, machine, markdown_table, median, paired_ratio
 
 from latentgp.linalg.kalman import kalman_filter, kalman_smoother
 
@@ -73,69 +75,87 @@ def main(quick: bool = False, repeats: int = 7, threads: int = 1, pyro: bool = T
         torch.set_num_threads(n_threads)
 
 
+def _setup(T, g, pyro):
+    """The timed callables for one T: ours (LML + grad), pyro (same), ours smoother (no grad)."""
+    y = torch.randn(T, 1, generator=g, dtype=DT)
+    dt = torch.full((T,), STEP, dtype=DT)
+
+    def ours():
+        ll = loglik(dt, y, *params())
+        ll.backward()
+        return ll.item()
+
+    def smoother():
+        with torch.no_grad():
+            A, Q, Pinf = matern32(dt, torch.tensor(ELL, dtype=DT), torch.tensor(SIGMA, dtype=DT))
+            H, R = torch.tensor([[1.0, 0.0]], dtype=DT), torch.full((1, 1, 1), NOISE**2, dtype=DT)
+            kalman_smoother(A, Q, H, R, y, Pinf)
+
+    fns = {"ours": ours}
+    if pyro:
+        from pyro.contrib.timeseries import IndependentMaternGP
+
+        # .double(): pyro builds its obs_matrix buffer in float32
+        gp = IndependentMaternGP(
+            nu=1.5,
+            dt=STEP,
+            obs_dim=1,
+            length_scale_init=torch.tensor([ELL], dtype=DT),
+            kernel_scale_init=torch.tensor([SIGMA], dtype=DT),
+            obs_noise_scale_init=torch.tensor([NOISE], dtype=DT),
+        ).double()
+
+        def pyro_step():
+            gp.zero_grad()
+            lp = gp.log_prob(y).sum()
+            lp.backward()
+            return lp.item()
+
+        fns["pyro"] = pyro_step
+    fns["smoother"] = smoother
+    return fns
+
+
 def _run(quick, repeats, pyro):
     info = machine()
     Ts = [1_000, 2_000, 5_000, 10_000, 20_000] + ([] if quick else [50_000, 100_000])
     if quick:
         repeats = min(repeats, 3)
-    if pyro:
-        from pyro.contrib.timeseries import IndependentMaternGP
     g = torch.Generator().manual_seed(0)
+    fns = {T: _setup(T, g, pyro) for T in Ts}
+    values = {T: {k: f() for k, f in fs.items() if k != "smoother"} for T, fs in fns.items()}  # + warm-up
+    for fs in fns.values():
+        fs["smoother"]()
+    # Every round times every (T, method) once -- small T as the mean of several calls -- alternating the
+    # order, so that load changes on a shared machine hit all T and both methods alike (the slope
+    # compares times taken minutes apart otherwise).
+    times = {(T, k): [] for T in Ts for k in fns[T]}
+    jobs = [(T, k) for T in Ts for k in fns[T]]
+    for r in range(repeats):
+        for T, k in jobs if r % 2 == 0 else jobs[::-1]:
+            n = max(1, 20_000 // T)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fns[T][k]()
+            times[T, k].append((time.perf_counter() - t0) / n)
     rows = []
     for T in Ts:
-        y = torch.randn(T, 1, generator=g, dtype=DT)
-        dt = torch.full((T,), STEP, dtype=DT)
-
-        def ours(dt=dt, y=y):
-            ll = loglik(dt, y, *params())
-            ll.backward()
-            return ll.item()
-
-        def smoother(dt=dt, y=y):
-            with torch.no_grad():
-                A, Q, Pinf = matern32(dt, torch.tensor(ELL, dtype=DT), torch.tensor(SIGMA, dtype=DT))
-                H, R = torch.tensor([[1.0, 0.0]], dtype=DT), torch.full((1, 1, 1), NOISE**2, dtype=DT)
-                kalman_smoother(A, Q, H, R, y, Pinf)
-
-        fns = {"ours": ours, "smoother": smoother}
+        row = {"T": T, "ours_ms": round(median(times[T, "ours"]) * 1e3, 3)}
         if pyro:
-            # .double(): pyro builds its obs_matrix buffer in float32
-            gp = IndependentMaternGP(
-                nu=1.5,
-                dt=STEP,
-                obs_dim=1,
-                length_scale_init=torch.tensor([ELL], dtype=DT),
-                kernel_scale_init=torch.tensor([SIGMA], dtype=DT),
-                obs_noise_scale_init=torch.tensor([NOISE], dtype=DT),
-            ).double()
-
-            def pyro_step(gp=gp, y=y):
-                gp.zero_grad()
-                lp = gp.log_prob(y).sum()
-                lp.backward()
-                return lp.item()
-
-            fns["pyro"] = pyro_step
-        values = {name: fn() for name, fn in fns.items() if name != "smoother"}
-        reps = max(repeats, min(51, 100_000 // T))  # small T: cheap, so more rounds
-        t = time_interleaved(fns, repeats=reps, warmup=1)
-        row = {"T": T, "repeats": reps, "ours_ms": round(median(t["ours"]) * 1e3, 3)}
-        if pyro:
-            row["pyro_ms"] = round(median(t["pyro"]) * 1e3, 3)
-            row["ratio_ours_over_pyro"] = round(paired_ratio(t["ours"], t["pyro"]), 3)
-            row["loglik_rel_diff"] = f"{abs(values['ours'] - values['pyro']) / abs(values['pyro']):.1e}"
-        row["smoother_nograd_ms"] = round(median(t["smoother"]) * 1e3, 3)
+            row["pyro_ms"] = round(median(times[T, "pyro"]) * 1e3, 3)
+            row["ratio_ours_over_pyro"] = round(paired_ratio(times[T, "ours"], times[T, "pyro"]), 3)
+            v = values[T]
+            row["loglik_rel_diff"] = f"{abs(v['ours'] - v['pyro']) / abs(v['pyro']):.1e}"
+        row["smoother_nograd_ms"] = round(median(times[T, "smoother"]) * 1e3, 3)
         rows.append(row)
-        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-    print(f"\nKalman LML + gradient, Matérn-3/2 (s=2), batch 1 -- {describe(info)}\n")
+    print(f"\nKalman LML + gradient, Matérn-3/2 (s=2), batch 1, {repeats} rounds -- {describe(info)}\n")
     print(markdown_table(rows))
     summary = []
     for name, key in (("ours", "ours_ms"), ("pyro", "pyro_ms"), ("ours smoother (no grad)", "smoother_nograd_ms")):
         if key not in rows[0]:
             continue
-        times = [r[key] / 1e3 for r in rows]
-        slope, fixed, per_step = _fits(Ts, times)
+        slope, fixed, per_step = _fits(Ts, [r[key] / 1e3 for r in rows])
         summary.append(
             {
                 "": name,
@@ -164,7 +184,7 @@ def _run(quick, repeats, pyro):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T up to 2e4, fewer repeats")
-    ap.add_argument("--repeats", type=int, default=7, help="rounds per T (at least; more for small T)")
+    ap.add_argument("--repeats", type=int, default=7, help="rounds (each times every T and method once)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-pyro", action="store_true")
     args = ap.parse_args()

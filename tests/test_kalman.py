@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -15,24 +14,6 @@ from latentgp.linalg.kalman import kalman_filter, kalman_smoother
 from latentgp.linalg.scan import associative_scan, state_scan
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batched kernels and small dense matrices: on a shared few-core box, intra-op threads
-    (torch's and OpenBLAS's) mostly add contention -- seconds of jitter -- so run single-threaded
-    here and restore the settings afterwards."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = contextlib.nullcontext
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _relerr(a, b) -> float:
