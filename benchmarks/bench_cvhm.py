@@ -54,7 +54,7 @@ def main(quick: bool = False):
     torch.set_num_threads(1)
     info = machine()
     seeds = [0] if quick else [0, 1, 2]
-    rows = [r for seed in seeds for r in fit_vdp(seed, 20 if quick else 60)]
+    rows = [r for seed in seeds for r in fit_vdp(seed, 20)]
     print(f"## cvHM Van der Pol ({describe(info)})\n")
     print(markdown_table(rows))
     for name in sorted({r["model"] for r in rows}):

@@ -93,7 +93,7 @@ def spike_demo(out: str | Path = "demo_output", smoke: bool = False, seed: int =
 
     binned = bin_spikes(spikes, bin_width=bw, t_start=0.0, t_stop=n_bins * bw, n_neurons=50)
     start = time.perf_counter()
-    model = PoissonLatentGP(n_latents=2, bin_width=bw).fit(binned.counts, steps=15 if smoke else 60,
+    model = PoissonLatentGP(n_latents=2, bin_width=bw).fit(binned.counts, steps=10 if smoke else 20,
                                                           progress=progress)
     fit_seconds = time.perf_counter() - start
     r2 = r_squared_affine(model.latents(), sim["latents"])

@@ -117,7 +117,7 @@ seasonal_kernel = gk.ScaleKernel(gk.PeriodicKernel()).double()
 seasonal_kernel.base_kernel.period_length = f64(1.0)
 bayes = lgp.GPRegressor(kernel=seasonal_kernel)
 bayes.fit(recent[["t", "seasonal"]], "seasonal", method="nuts", steps=20,
-          num_samples=10 if SMOKE else 500, warmup=10 if SMOKE else 500, max_tree_depth=4 if SMOKE else 6,
+          num_samples=10 if SMOKE else 200, warmup=10 if SMOKE else 200, max_tree_depth=4 if SMOKE else 6,
           seed=0, progress=False)
 print("posterior median period (years):", bayes.samples_["kernel.base_kernel.period_length"].median().item())
 

@@ -53,7 +53,7 @@ binned
 
 # %%
 model = lgp.PoissonLatentGP(n_latents=2, bin_width=binned.bin_width)
-model.fit(binned.counts, steps=15 if SMOKE else 60, progress=False)
+model.fit(binned.counts, steps=10 if SMOKE else 20, progress=False)
 print(f"R² of the posterior mean vs the true latents (after an affine map): "
       f"{r_squared_affine(model.latents(), sim['latents']):.3f}")
 model.history.plot(x="step", y="loss", legend=False, ylabel="negative ELBO per bin")

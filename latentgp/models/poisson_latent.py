@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data import DEFAULT_DTYPE, check_int, check_positive
-from ..fit import seeded, train
+from ..fit import seeded, torch_threads, train
 from ..io import register_model
 from ..kernels import HidaMatern, state_space_form
 from ..likelihoods import get_likelihood
@@ -82,7 +82,7 @@ class PoissonLatentGP(Model):
         self._train = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, counts, *, steps: int = 150, lr: float = 0.05, cvi_step: float = 0.5, warmup: int = 5,
+    def fit(self, counts, *, steps: int = 30, lr: float = 0.05, cvi_step: float = 0.5, warmup: int = 5,
             hyperparameters: str = "elbo", whittle_every: int = 10, progress=None, tol: float | None = 1e-6,
             seed=None):
         """Fit by CVI (sites) + Adam on the ELBO (loadings, biases and, by default, kernel hyperparameters).
@@ -143,7 +143,7 @@ class PoissonLatentGP(Model):
                 self._whittle_update()
             return loss.item()
 
-        with seeded(seed):
+        with seeded(seed), torch_threads(1):
             train(lambda: step(False), steps=warmup, progress=progress, desc="cvHM warm-up")
             self.history = train(step, steps=steps, progress=progress, tol=tol, record=self._record, desc="cvHM")
         self._posterior()
