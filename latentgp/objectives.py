@@ -27,9 +27,10 @@ class _GaussianLogMarginal(torch.autograd.Function):
             - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             - 0.5 * n * math.log(2 * math.pi)
         )
+        jitter = torch.tensor(jitter, dtype=K.dtype)
         ctx.save_for_backward(L, alpha)
-        ctx.mark_non_differentiable(L, alpha)
-        return value, L, alpha, torch.tensor(jitter, dtype=K.dtype)
+        ctx.mark_non_differentiable(L, alpha, jitter)
+        return value, L, alpha, jitter
 
     @staticmethod
     @torch.autograd.function.once_differentiable
