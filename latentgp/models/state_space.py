@@ -24,9 +24,8 @@ MAX_DENSE_DRAWS = 5000
 class StateSpacePrior(ExactGPPrior):
     """The exact-GP prior, evaluated as a linear-Gaussian state-space model on sorted times."""
 
-    def forward(self, t, y=None, mask=None):
-        """Kalman log-likelihood of residuals at sorted times ``t`` (mask: observed steps), or -- with
-        ``y=None`` -- nothing but the state-space matrices (for smoothing)."""
+    def forward(self, t):
+        """Mean and state-space matrices (A, Q, H, R, P0) at sorted times ``t`` (what the Kalman solvers need)."""
         form = state_space_form(self.kernel)
         dt = torch.diff(t, prepend=t[:1])
         A, Q = form.transition(dt), form.process_noise(dt)

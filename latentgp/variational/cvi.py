@@ -32,12 +32,12 @@ def block_diag_batch(X: torch.Tensor) -> torch.Tensor:
 
 
 def joint_state_space(form, dt: torch.Tensor):
-    """Stack L independent latents' state spaces (kernel batch (L,) or shared) into one state.
+    """Stack L independent latents' state spaces (kernel batch_shape (L,)) into one joint state.
 
     Returns A, Q (T, L*s, L*s), P0 (L*s, L*s) and H (L, L*s) selecting each latent's value.
     """
     A, Q, P0, H = form.transition(dt), form.process_noise(dt), form.P_inf, form.H
-    if A.dim() == 3:  # shared kernel: the same blocks for every latent
+    if A.dim() == 3:  # an unbatched kernel has no latent axis to stack
         raise ValueError("joint_state_space needs a kernel with batch_shape (n_latents,).")
     A = block_diag_batch(A.transpose(0, 1))  # (L, T, s, s) -> (T, L*s, L*s)
     Q = block_diag_batch(Q.transpose(0, 1))
