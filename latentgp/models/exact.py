@@ -185,7 +185,8 @@ class GPRegressor(Model):
             return name in self._pristine and torch.equal(state[name], self._pristine[name])
 
         with torch.no_grad():
-            if isinstance(self.prior.mean_module, gpytorch.means.ConstantMean) and untouched("mean_module.raw_constant"):
+            constant_mean = isinstance(self.prior.mean_module, gpytorch.means.ConstantMean)
+            if constant_mean and untouched("mean_module.raw_constant"):
                 self.prior.mean_module.constant = y.mean()
             if not hasattr(self.prior, "fixed_noise") and untouched("raw_noise"):
                 self.prior.raw_noise.copy_(self.prior.raw_noise_constraint.inverse_transform(0.1 * y.var()))
