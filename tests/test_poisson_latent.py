@@ -8,7 +8,15 @@ import latentgp as lgp
 from latentgp.kernels import HidaMatern, state_space_form
 from latentgp.likelihoods import Gaussian
 from latentgp.simulate import r_squared_affine, simulate_vdp_spikes
-from latentgp.variational.cvi import Sites, elbo_terms, expected_loglik, joint_state_space, site_targets
+from latentgp.variational.cvi import (
+    Sites,
+    elbo_terms,
+    expected_log_prior,
+    expected_loglik,
+    joint_state_space,
+    latent_blocks,
+    site_targets,
+)
 
 T64 = torch.float64
 
@@ -52,6 +60,70 @@ def test_one_cvi_step_with_gaussian_likelihood_is_exact_posterior():
     lml = scipy.stats.multivariate_normal(np.tile(d.numpy(), T), G @ K @ G.T + noise * np.eye(T * D)).logpdf(
         y[0].numpy().reshape(-1))
     assert elbo.item() == pytest.approx(lml, rel=1e-8)
+
+
+def test_em_gradient_equals_elbo_gradient_at_the_exact_posterior():
+    """Fisher's identity: at q = p(x | y), d/dθ E_q[log p_θ(x)] (q held fixed, what the fit uses) equals
+    d/dθ log p_θ(y) (autograd through the Kalman smoother). Also checks the EM objective's value
+    against a Monte-Carlo-free dense computation: E_q[log p(x)] = log N(m; 0, K) - ½ tr(K⁻¹ S)."""
+    rng = np.random.default_rng(3)
+    L, D, T, noise, bw = 2, 4, 30, 0.5, 0.1
+    kernel = HidaMatern(order=1, batch_shape=torch.Size([L])).double()
+    kernel.lengthscale = torch.tensor([[[0.5]], [[0.9]]], dtype=T64)
+    kernel.omega = torch.tensor([[[1.5]], [[0.4]]], dtype=T64)
+    C = torch.tensor(rng.standard_normal((L, D)), dtype=T64)
+    d = torch.zeros(D, dtype=T64)
+    y = torch.tensor(rng.standard_normal((2, T, D)), dtype=T64)
+    dt = torch.full((T,), bw, dtype=T64)
+    dt[0] = 0
+    lik = Gaussian(noise)
+    with torch.no_grad():
+        A, Q, P0, H = joint_state_space(state_space_form(kernel), dt)
+        zeros = torch.zeros(2, T, L, dtype=T64)
+        _, g1, g2 = expected_loglik(lik, y, zeros, (H @ P0 @ H.T).expand(2, T, L, L), C, d)
+        sites = Sites.zeros((2,), T, L, T64).damped(*site_targets(g1, g2, zeros, C), 1.0)
+    params = list(kernel.parameters())
+    A, Q, P0, H = joint_state_space(state_space_form(kernel), dt)
+    elbo, _, _, sm = elbo_terms(A, Q, P0, H, sites, lik, y, C, d, return_smoother=True)
+    grad_elbo = torch.autograd.grad(elbo, params)
+    blocks = [b.detach() for b in latent_blocks(sm, L)]
+    em = expected_log_prior(state_space_form(kernel), dt, *blocks)
+    grad_em = torch.autograd.grad(em, params)
+    for a, b in zip(grad_elbo, grad_em, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-8, atol=1e-10)
+    # value: per (trial, latent), E_q[log N(x; 0, Σ_prior)] over the whole state path, by dense algebra
+    means, covs, cross = blocks
+    form = state_space_form(kernel)
+    with torch.no_grad():
+        Ad, Qd = form.transition(dt), form.process_noise(dt)
+        s = means.shape[-1]
+        expected = 0.0
+        for l in range(L):
+            # dense prior covariance of the stacked state path from x_t = A x_{t-1} + q_t
+            Phi = torch.zeros(T * s, T * s, dtype=T64)
+            for t in range(T):
+                Phi[t * s:(t + 1) * s, t * s:(t + 1) * s] = torch.eye(s, dtype=T64)
+                for u in range(t):
+                    M = torch.eye(s, dtype=T64)
+                    for k in range(u + 1, t + 1):
+                        M = Ad[l, k] @ M
+                    Phi[t * s:(t + 1) * s, u * s:(u + 1) * s] = M
+            noise_cov = torch.block_diag(form.P_inf[l], *[Qd[l, t] for t in range(1, T)])
+            Sigma = Phi @ noise_cov @ Phi.T
+            for n in range(2):
+                S = torch.zeros(T * s, T * s, dtype=T64)
+                for t in range(T):
+                    S[t * s:(t + 1) * s, t * s:(t + 1) * s] = covs[n, l, t]
+                m = means[n, l].reshape(-1)
+                # E_q[log N] = log N(m; 0, Σ) - ½ tr(Σ⁻¹ S_q); Σ⁻¹ is block-tridiagonal, so only the
+                # diagonal and first off-diagonal blocks of S_q enter.
+                for t in range(T - 1):
+                    S[(t + 1) * s:(t + 2) * s, t * s:(t + 1) * s] = cross[n, l, t]
+                    S[t * s:(t + 1) * s, (t + 1) * s:(t + 2) * s] = cross[n, l, t].T
+                Sinv = torch.linalg.inv(Sigma)
+                expected += scipy.stats.multivariate_normal(np.zeros(T * s), Sigma.numpy()).logpdf(m.numpy())
+                expected -= 0.5 * float((Sinv * S).sum())
+    assert em.item() == pytest.approx(expected, rel=1e-7)
 
 
 @pytest.fixture(scope="module")

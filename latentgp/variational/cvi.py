@@ -109,17 +109,63 @@ def site_expected_log(sites: Sites, y_site, R_site, mask, m_f, V_f):
     return torch.where(mask, per_step, torch.zeros_like(per_step)).sum(-1)
 
 
-def elbo_terms(A, Q, P0, H, sites: Sites, likelihood, y, C, d):
+def elbo_terms(A, Q, P0, H, sites: Sites, likelihood, y, C, d, *, return_smoother: bool = False):
     """ELBO pieces for fixed sites; differentiable in A, Q, P0 (hyperparameters), C and d.
 
-    Returns (elbo (scalar, summed over the batch), m_f, V_f).
+    Returns (elbo (scalar, summed over the batch), m_f, V_f), plus the joint-state
+    :class:`~latentgp.linalg.kalman.SmootherResult` if ``return_smoother``.
     """
     y_site, R_site, mask = sites.pseudo_observations()
     sm = kalman_smoother(A, Q, H, R_site, y_site, P0, mask=mask)
     m_f, V_f = latent_marginals(sm.means, sm.covs, H)
     loglik, _, _ = expected_loglik(likelihood, y, m_f, V_f, C, d)
     elbo = sm.log_likelihood.sum() + loglik.sum() - site_expected_log(sites, y_site, R_site, mask, m_f, V_f).sum()
-    return elbo, m_f, V_f
+    return (elbo, m_f, V_f, sm) if return_smoother else (elbo, m_f, V_f)
+
+
+def latent_blocks(sm, n_latents: int):
+    """Per-latent diagonal blocks of a joint-state posterior (the prior is block-diagonal, so its
+    expected log density needs only these): means (..., L, T, s), covs (..., L, T, s, s) and
+    cross-covariances Cov(x_{t+1}, x_t) (..., L, T-1, s, s)."""
+    L = n_latents
+
+    def diag_blocks(X):  # (..., T, L*s, L*s) -> (..., L, T, s, s)
+        *lead, T, S, _ = X.shape
+        blocks = X.reshape(*lead, T, L, S // L, L, S // L).diagonal(dim1=-4, dim2=-2)  # (..., T, s, s, L)
+        return blocks.movedim(-1, -4)
+
+    *lead, T, S = sm.means.shape
+    means = sm.means.reshape(*lead, T, L, S // L).movedim(-2, -3)
+    return means, diag_blocks(sm.covs), diag_blocks(sm.cross_covs)
+
+
+def expected_log_prior(form, dt: torch.Tensor, means, covs, cross):
+    """E_q[log p_θ(x)] of independent state-space priors under a Gaussian Markov q, summed.
+
+    ``form``: the kernels' :class:`~latentgp.kernels.state_space.StateSpaceForm` (batch (L,)); ``means``
+    (..., L, T, s), ``covs`` (..., L, T, s, s), ``cross`` (..., L, T-1, s, s) = Cov_q(x_{t+1}, x_t) (see
+    :func:`latent_blocks`). Differentiable in the hyperparameters only through A, Q, P0: with q held
+    fixed this is the variational-EM objective for θ, whose gradient equals the ELBO's total gradient
+    wherever the sites are at their optimum (envelope theorem), without back-propagating through the
+    Kalman smoother. Uses E[(x_t - A x_{t-1})(·)ᵀ] = r rᵀ + P_t - A Cᵀ - C Aᵀ + A P_{t-1} Aᵀ with
+    r = m_t - A m_{t-1} and C = Cov(x_t, x_{t-1}).
+    """
+    A, Q, P0 = form.transition(dt)[..., 1:, :, :], form.process_noise(dt)[..., 1:, :, :], form.P_inf
+    s = means.shape[-1]
+    m_prev, m_next = means[..., :-1, :], means[..., 1:, :]
+    r = m_next - (A @ m_prev.unsqueeze(-1)).squeeze(-1)
+    AC = A @ cross.transpose(-1, -2)
+    second = (r.unsqueeze(-1) * r.unsqueeze(-2) + covs[..., 1:, :, :] - AC - AC.transpose(-1, -2)
+              + A @ covs[..., :-1, :, :] @ A.transpose(-1, -2))
+    chol_Q = torch.linalg.cholesky(Q)
+    trans = torch.cholesky_solve(second, chol_Q).diagonal(dim1=-2, dim2=-1).sum(-1)
+    trans = trans + 2 * chol_Q.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    m0, V0 = means[..., 0, :], covs[..., 0, :, :]
+    chol_0 = torch.linalg.cholesky(P0)
+    first = torch.cholesky_solve(V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), chol_0).diagonal(dim1=-2, dim2=-1).sum(-1)
+    first = first + 2 * chol_0.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    T = means.shape[-2]
+    return -0.5 * (trans.sum() + first.sum() + T * s * math.log(2 * math.pi) * first.numel())
 
 
 def sample_prior_states(A, Q, P0, batch, generator=None):
