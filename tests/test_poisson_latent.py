@@ -224,3 +224,49 @@ def test_posterior_samples_match_smoother_moments(small_fit):
     assert np.abs(z).max() < 5.5 and abs(z.mean()) < 0.2
     ratio = f.var(0).numpy() / var
     assert abs(ratio.mean() - 1) < 0.03
+
+
+def test_whitened_moments_equal_the_dense_linear_map():
+    """q(f) of the SVI guide: exact moments by scans vs the dense map ε -> f built column by column."""
+    from latentgp.variational.whitened import whitened_latents, whitened_moments
+
+    L, T = 2, 25
+    kernel = HidaMatern(order=1, batch_shape=torch.Size([L])).double()
+    kernel.lengthscale = torch.tensor([[[0.3]], [[0.8]]], dtype=T64)
+    dt = torch.full((T,), 0.1, dtype=T64)
+    dt[0] = 0
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        A, Q, P0, H = joint_state_space(state_space_form(kernel), dt)
+        S = P0.shape[-1]
+        loc = torch.randn(2, T, S, dtype=T64, generator=gen)
+        scale = torch.rand(2, T, S, dtype=T64, generator=gen)
+        mean, cov = whitened_moments(A, Q, P0, H, loc, scale)
+        M = whitened_latents(A, Q, P0, H, torch.eye(T * S, dtype=T64).reshape(T * S, T, S)).reshape(T * S, T * L).T
+        for n in range(2):
+            np.testing.assert_allclose(mean[n].reshape(-1).numpy(), (M @ loc[n].reshape(-1)).numpy(), atol=1e-12)
+            dense = M @ torch.diag(scale[n].reshape(-1) ** 2) @ M.T
+            for t in range(T):
+                np.testing.assert_allclose(cov[n, t].numpy(), dense[t * L:(t + 1) * L, t * L:(t + 1) * L].numpy(),
+                                           atol=1e-12)
+        # with the prior's own noise (loc 0, scale 1) the marginals are the stationary prior covariance
+        _, prior = whitened_moments(A, Q, P0, H, torch.zeros(1, T, S, dtype=T64), torch.ones(1, T, S, dtype=T64))
+        np.testing.assert_allclose(prior[0].numpy(), (H @ P0 @ H.T).expand(T, L, L).numpy(), atol=1e-9)
+
+
+def test_svi_fits_the_same_model_and_cvi_reaches_a_higher_elbo(small_vdp, small_fit, tmp_path):
+    svi = lgp.PoissonLatentGP(2, bin_width=small_vdp["bin_width"])
+    svi.fit(small_vdp["counts"], method="svi", steps=300, lr=0.02, tol=None, progress=False, seed=0)
+    assert svi.method_ == "svi" and len(svi.history) == 300
+    assert r_squared_affine(svi.latents(), small_vdp["latents"]) > 0.85
+    assert np.all(svi.latent_variance() > 0)
+    # The best Gaussian q of this model is prior x Gaussian sites on f (CVI's family), which includes the
+    # whitened mean-field q: at convergence CVI's ELBO must be the higher one.
+    assert small_fit.elbo() > svi.elbo()
+    svi.save(tmp_path / "svi.pt")
+    back = lgp.load(tmp_path / "svi.pt")
+    np.testing.assert_array_equal(back.latents(), svi.latents())
+    with pytest.raises(ValueError, match="method"):
+        svi.fit(small_vdp["counts"], method="nuts")
+    with pytest.raises(ValueError, match="whittle"):
+        svi.fit(small_vdp["counts"], method="svi", hyperparameters="whittle")

@@ -90,10 +90,17 @@ class PoissonLatentGP(Model):
         self._train = None
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, counts, *, steps: int = 30, lr: float = 0.05, cvi_step: float = 0.5, warmup: int = 5,
-            hyperparameters: str = "elbo", whittle_every: int = 10, progress=None, tol: float | None = 1e-6,
-            seed=None):
+    def fit(self, counts, *, steps: int | None = None, lr: float | None = None, cvi_step: float = 0.5,
+            warmup: int = 5, hyperparameters: str = "elbo", whittle_every: int = 10, method: str = "cvi",
+            num_particles: int = 1, progress=None, tol: float | None = 1e-6, seed=None):
         """Fit by CVI (sites) + Adam on the ELBO (loadings, biases and, by default, kernel hyperparameters).
+
+        ``method="cvi"`` (default: 30 steps, lr 0.05) is cvHM. ``method="svi"`` (default: 2,000 steps,
+        lr 0.01) fits the same model by Pyro SVI instead, for comparison: whitened latents
+        (:mod:`latentgp.variational.whitened`) with a mean-field Normal guide, ``num_particles`` samples
+        per step, loadings/biases/kernel learned on the same ELBO. It needs many more steps, and its
+        mean-field q understates posterior correlations; ``cvi_step``, ``warmup`` and the Whittle
+        option do not apply to it.
 
         ``warmup`` CVI steps with everything else fixed come first; then every step is one damped CVI
         step (``cvi_step``) and one Adam step (``lr``). ``hyperparameters``: ``"elbo"`` (learned with
@@ -110,11 +117,18 @@ class PoissonLatentGP(Model):
             raise ValueError(f"`counts` needs at least 4 bins per trial; got {T}.")
         if D < self.n_latents:
             raise ValueError(f"`counts` has {D} neurons, fewer than n_latents={self.n_latents}.")
-        steps, warmup = check_int(steps, "steps"), check_int(warmup, "warmup")
+        warmup = check_int(warmup, "warmup")
         if not 0 < cvi_step <= 1:
             raise ValueError(f"`cvi_step` must be in (0, 1]; got {cvi_step}.")
         if hyperparameters not in ("elbo", "whittle", "fixed"):
             raise ValueError(f"`hyperparameters` must be 'elbo', 'whittle' or 'fixed'; got {hyperparameters!r}.")
+        if method not in ("cvi", "svi"):
+            raise ValueError(f"`method` must be 'cvi' or 'svi'; got {method!r}.")
+        if method == "svi" and hyperparameters == "whittle":
+            raise ValueError("hyperparameters='whittle' is only available with method='cvi'.")
+        num_particles = check_int(num_particles, "num_particles", 1)
+        steps = check_int((30 if method == "cvi" else 2000) if steps is None else steps, "steps")
+        lr = check_positive((0.05 if method == "cvi" else 0.01) if lr is None else lr, "lr")
         whittle_every = check_int(whittle_every, "whittle_every", 1)
 
         y = torch.as_tensor(y_np, dtype=self.dtype)
@@ -130,6 +144,9 @@ class PoissonLatentGP(Model):
         dt = torch.full((T,), self.bin_width, dtype=self.dtype)
         dt[0] = 0.0
         self._dt = dt
+        self.method_ = method
+        if method == "svi":
+            return self._fit_svi(y, steps, lr, num_particles, hyperparameters == "elbo", progress, tol, seed)
 
         params = [self.C, self.d] + (list(self.kernel.parameters()) if hyperparameters == "elbo" else [])
         opt = torch.optim.Adam(params, lr=lr)
@@ -169,6 +186,45 @@ class PoissonLatentGP(Model):
         self._posterior()
         return self
 
+    def _fit_svi(self, y, steps, lr, num_particles, learn_kernel, progress, tol, seed):
+        import pyro
+        import pyro.distributions as dist
+        from pyro.infer.autoguide import AutoNormal
+
+        from ..fit import run_svi
+        from ..variational.whitened import whitened_latents, whitened_moments
+
+        N, T, _ = y.shape
+        S = state_space_form(self.kernel).state_dim * self.n_latents
+        zeros = torch.zeros(N, T, S, dtype=self.dtype)
+        learned = torch.nn.Module()  # what SVI's optimiser updates, registered in one pyro.module
+        learned.C, learned.d = self.C, self.d
+        if learn_kernel:
+            learned.kernel = self.kernel
+
+        def model():
+            pyro.module("cvhm", learned)
+            A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
+            eps = pyro.sample("eps", dist.Normal(zeros, 1.0).to_event(3))
+            f = whitened_latents(A, Q, P0, H, eps)
+            loglik = self.likelihood.expected(y, f @ self.C + self.d, torch.zeros_like(y))[0]
+            pyro.factor("y", loglik.sum())
+
+        with seeded(seed), pyro.get_param_store().scope():
+            guide = AutoNormal(model, init_scale=0.1)
+            history = run_svi(model, guide, steps=steps, lr=lr, num_particles=num_particles, progress=progress,
+                              tol=tol, record=self._record, desc="cvHM SVI")
+            with torch.no_grad():
+                loc, scale = guide.locs.eps, guide.scales.eps
+                A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
+                self._m, self._V = whitened_moments(A, Q, P0, H, loc.detach(), scale.detach())
+                elbo = -pyro.infer.Trace_ELBO(num_particles=32, vectorize_particles=False).loss(model, guide)
+        history["loss"] = history["loss"] / (N * T)  # per bin, as for CVI
+        self.history = history
+        self._elbo = float(elbo)
+        self.sites = None
+        return self
+
     def _whittle_update(self, iterations: int = 10, num_samples: int = 16):
         """Kernel hyperparameters from the aliased Whittle likelihood of E_q[periodogram].
 
@@ -206,6 +262,8 @@ class PoissonLatentGP(Model):
         return out
 
     def _posterior(self):
+        if self.sites is None:  # an SVI fit: its moments were computed from the guide
+            return
         with torch.no_grad():
             A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
             elbo, m_f, V_f = elbo_terms(A, Q, P0, H, self.sites, self.likelihood, self._train, self.C, self.d)
@@ -247,25 +305,33 @@ class PoissonLatentGP(Model):
 
     # ------------------------------------------------------------------ save / load
     def _payload(self):
+        state = {"kernel": self.kernel.state_dict(), "C": self.C.detach(), "d": self.d.detach()}
+        if self.sites is not None:
+            state.update(precision=self.sites.precision, shift=self.sites.shift)
+        else:  # SVI: the guide's moments of the latents
+            state.update(mean=self._m, cov=self._V, elbo=torch.tensor(self._elbo))
         return {"config": {"n_latents": self.n_latents, "bin_width": self.bin_width,
-                           "likelihood": self.likelihood.name, "default_kernel": self._default_kernel},
-                "kernel": self.kernel, "state": {"kernel": self.kernel.state_dict(), "C": self.C.detach(),
-                                                 "d": self.d.detach(), "precision": self.sites.precision,
-                                                 "shift": self.sites.shift},
-                "data": {"counts": self._train}}
+                           "likelihood": self.likelihood.name, "default_kernel": self._default_kernel,
+                           "method": getattr(self, "method_", "cvi")},
+                "kernel": self.kernel, "state": state, "data": {"counts": self._train}}
 
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg = payload["config"]
         model = cls(cfg["n_latents"], kernel=kernel, bin_width=cfg["bin_width"], likelihood=cfg["likelihood"])
         model._default_kernel = cfg["default_kernel"]
+        model.method_ = cfg.get("method", "cvi")
         st = payload["state"]
         model.kernel.load_state_dict(st["kernel"])
         model.C, model.d = torch.nn.Parameter(st["C"]), torch.nn.Parameter(st["d"])
-        model.sites = Sites(st["precision"], st["shift"])
         model._train = payload["data"]["counts"]
         T = model._train.shape[1]
         model._dt = torch.full((T,), model.bin_width, dtype=model.dtype)
         model._dt[0] = 0.0
-        model._posterior()
+        if "precision" in st:
+            model.sites = Sites(st["precision"], st["shift"])
+            model._posterior()
+        else:
+            model.sites = None
+            model._m, model._V, model._elbo = st["mean"], st["cov"], float(st["elbo"])
         return model

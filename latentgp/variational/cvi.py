@@ -168,21 +168,33 @@ def expected_log_prior(form, dt: torch.Tensor, means, covs, cross):
     return -0.5 * (trans.sum() + first.sum() + T * s * math.log(2 * math.pi) * first.numel())
 
 
-def sample_prior_states(A, Q, P0, batch, generator=None):
+def noise_factors(Q, P0):
+    """chol(P0) at t = 0 and chol(Q_t) for t >= 1, stacked (T, S, S): the prior path is
+    x_t = A_t x_{t-1} + factor_t ε_t. Q(0) is not used (it can be exactly singular over a zero step);
+    later Q_t get a 1e-12 relative jitter, as a near-zero step makes them near-singular."""
+    S = Q.shape[-1]
+    eye = torch.eye(S, dtype=Q.dtype)
+    Q1 = Q[1:]
+    jitter = 1e-12 * Q1.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None] * eye + 1e-300 * eye
+    return torch.cat((torch.linalg.cholesky(P0).unsqueeze(0), torch.linalg.cholesky(Q1 + jitter)), 0)
+
+
+def sample_prior_states(A, Q, P0, batch, generator=None, noise=None):
     """Draws of the prior state path x_0..x_{T-1}, shape (*batch, T, S), by an associative scan of the
-    affine maps x_t = A_t x_{t-1} + chol(Q_t) ε_t (no Python loop over time)."""
+    affine maps x_t = A_t x_{t-1} + chol(Q_t) ε_t (no Python loop over time).
+
+    ``noise``: the standard-normal ε, (*batch, T, S); drawn if None. The map ε -> x is linear and
+    differentiable in A, Q, P0 (the whitened parametrisation of :mod:`latentgp.variational.whitened`)."""
     from ..linalg.scan import associative_scan
 
     T, S = A.shape[-3], A.shape[-1]
-    eye = torch.eye(S, dtype=A.dtype)
-    # Q(0) can be exactly singular (no noise over a zero step): factorise with a tiny jitter.
-    chol_Q = torch.linalg.cholesky(Q + 1e-12 * Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None] * eye
-                                   + 1e-300 * eye)
-    eps = torch.randn(T, *batch, S, 1, dtype=A.dtype, generator=generator)
-    b = chol_Q.reshape(T, *([1] * len(batch)), S, S) @ eps
-    b[0] = torch.linalg.cholesky(P0) @ eps[0]
-    A_t = A.reshape(T, *([1] * len(batch)), S, S).expand(T, *batch, S, S).clone()
-    A_t[0] = 0.0  # x_0 is drawn directly from P0
+    if noise is None:
+        eps = torch.randn(T, *batch, S, 1, dtype=A.dtype, generator=generator)
+    else:
+        eps = noise.movedim(-2, 0).unsqueeze(-1)
+    b = noise_factors(Q, P0).reshape(T, *([1] * len(batch)), S, S) @ eps
+    A_t = A.reshape(T, *([1] * len(batch)), S, S).expand(T, *batch, S, S)
+    A_t = torch.cat((torch.zeros_like(A_t[:1]), A_t[1:]), 0)  # x_0 is drawn directly from P0
 
     def combine(earlier, later):
         (A1, b1), (A2, b2) = earlier, later
