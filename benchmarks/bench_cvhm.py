@@ -19,7 +19,7 @@ import latentgp as lgp  # noqa: E402
 from latentgp.simulate import poisson_spikes, r_squared_affine, simulate_vdp_spikes, van_der_pol  # noqa: E402
 
 
-def fit_vdp(seed: int, steps: int):
+def fit_vdp(seed: int, steps: int, svi_steps: int = 0):
     sim = simulate_vdp_spikes(n_trials=10, n_bins=500, n_neurons=50, seed=seed)
     start = time.perf_counter()
     model = lgp.PoissonLatentGP(2, bin_width=sim["bin_width"]).fit(sim["counts"], steps=steps, progress=False)
@@ -27,6 +27,15 @@ def fit_vdp(seed: int, steps: int):
     row = {"seed": seed, "model": "cvHM (PoissonLatentGP)", "steps": len(model.history),
            "r2": round(r_squared_affine(model.latents(), sim["latents"]), 4), "fit_seconds": round(seconds, 2)}
     rows = [row]
+    if svi_steps:  # the same model through Pyro SVI (whitened latents, mean-field guide)
+        start = time.perf_counter()
+        svi = lgp.PoissonLatentGP(2, bin_width=sim["bin_width"]).fit(sim["counts"], method="svi", steps=svi_steps,
+                                                                     lr=0.02, tol=None, progress=False, seed=seed)
+        rows.append({"seed": seed, "model": "same model, Pyro SVI", "steps": len(svi.history),
+                     "r2": round(r_squared_affine(svi.latents(), sim["latents"]), 4),
+                     "fit_seconds": round(time.perf_counter() - start, 2)})
+        row["elbo_per_bin"] = round(model.elbo() / sim["counts"][..., 0].size, 3)
+        rows[-1]["elbo_per_bin"] = round(svi.elbo() / sim["counts"][..., 0].size, 3)
     gpfa_cls = getattr(lgp, "GPFA", None)
     if gpfa_cls is not None:
         start = time.perf_counter()
@@ -54,7 +63,7 @@ def main(quick: bool = False):
     torch.set_num_threads(1)
     info = machine()
     seeds = [0] if quick else [0, 1, 2]
-    rows = [r for seed in seeds for r in fit_vdp(seed, 20)]
+    rows = [r for seed in seeds for r in fit_vdp(seed, 20, svi_steps=100 if quick else 500)]
     print(f"## cvHM Van der Pol ({describe(info)})\n")
     print(markdown_table(rows))
     for name in sorted({r["model"] for r in rows}):

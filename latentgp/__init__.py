@@ -8,6 +8,7 @@ from .models.exact import GPRegressor
 from .models.gpfa import GPFA
 from .models.poisson_latent import PoissonLatentGP
 from .models.state_space import StateSpaceGP
+from .models.tucker import FunctionalTucker
 
-__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA"]
+__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker"]
 __version__ = "0.1.0"

@@ -74,6 +74,20 @@ class Sites:
         R = torch.cholesky_inverse(chol)
         return y, R, mask
 
+    def square_root_observations(self, rtol: float = 1e-12):
+        """(z, G) with observations z_t = G_t f_t + e_t, e_t ~ N(0, I), equivalent to the sites
+        (G_tᵀ G_t = Λ_t, G_tᵀ z_t = h_t) and exact for rank-deficient Λ_t: from Λ = V D Vᵀ, G = D^½ Vᵀ
+        and directions with D below ``rtol`` x the largest give zero rows (no information) instead of
+        the jitter :meth:`pseudo_observations` needs. Assumes h_t lies in the range of Λ_t, as it does
+        for sums of rank-one messages τ a aᵀ, τ y a."""
+        evals, evecs = torch.linalg.eigh(self.precision)
+        keep = evals > rtol * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
+        root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+        G = root.unsqueeze(-1) * evecs.transpose(-1, -2)
+        proj = (evecs.transpose(-1, -2) @ self.shift.unsqueeze(-1)).squeeze(-1)
+        z = torch.where(keep, proj / torch.where(keep, root, torch.ones_like(root)), torch.zeros_like(proj))
+        return z, G
+
     def damped(self, precision_new, shift_new, step: float) -> Sites:
         return Sites((1 - step) * self.precision + step * precision_new, (1 - step) * self.shift + step * shift_new)
 
@@ -109,15 +123,31 @@ def site_expected_log(sites: Sites, y_site, R_site, mask, m_f, V_f):
     return torch.where(mask, per_step, torch.zeros_like(per_step)).sum(-1)
 
 
+def site_posterior(A, Q, P0, H, sites: Sites, *, square_root: bool = False):
+    """q = prior x sites by one Kalman smoothing pass: returns the pseudo-observations (ỹ, R̃, mask),
+    the joint-state smoother result and the latent marginals m_f (..., T, L), V_f (..., T, L, L).
+
+    ``square_root``: smooth the exact :meth:`Sites.square_root_observations` instead (for sites that
+    may be rank-deficient); the smoother's log-likelihood is then not log Z and the first item is None."""
+    if square_root:
+        z, G = sites.square_root_observations()
+        eye = torch.eye(z.shape[-1], dtype=z.dtype)
+        sm = kalman_smoother(A, Q, G @ H, eye.expand(*G.shape), z, P0)
+        pseudo = None
+    else:
+        pseudo = sites.pseudo_observations()
+        sm = kalman_smoother(A, Q, H, pseudo[1], pseudo[0], P0, mask=pseudo[2])
+    m_f, V_f = latent_marginals(sm.means, sm.covs, H)
+    return pseudo, sm, m_f, V_f
+
+
 def elbo_terms(A, Q, P0, H, sites: Sites, likelihood, y, C, d, *, return_smoother: bool = False):
     """ELBO pieces for fixed sites; differentiable in A, Q, P0 (hyperparameters), C and d.
 
     Returns (elbo (scalar, summed over the batch), m_f, V_f), plus the joint-state
     :class:`~latentgp.linalg.kalman.SmootherResult` if ``return_smoother``.
     """
-    y_site, R_site, mask = sites.pseudo_observations()
-    sm = kalman_smoother(A, Q, H, R_site, y_site, P0, mask=mask)
-    m_f, V_f = latent_marginals(sm.means, sm.covs, H)
+    (y_site, R_site, mask), sm, m_f, V_f = site_posterior(A, Q, P0, H, sites)
     loglik, _, _ = expected_loglik(likelihood, y, m_f, V_f, C, d)
     elbo = sm.log_likelihood.sum() + loglik.sum() - site_expected_log(sites, y_site, R_site, mask, m_f, V_f).sum()
     return (elbo, m_f, V_f, sm) if return_smoother else (elbo, m_f, V_f)
@@ -157,7 +187,19 @@ def expected_log_prior(form, dt: torch.Tensor, means, covs, cross):
     AC = A @ cross.transpose(-1, -2)
     second = (r.unsqueeze(-1) * r.unsqueeze(-2) + covs[..., 1:, :, :] - AC - AC.transpose(-1, -2)
               + A @ covs[..., :-1, :, :] @ A.transpose(-1, -2))
-    chol_Q = torch.linalg.cholesky(Q)
+    chol_Q, info = torch.linalg.cholesky_ex(Q)
+    if bool((info > 0).any()):
+        # Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation: jitter
+        # relative to the stationary covariance, escalated 1e-12 ... 1e-8 only as far as needed.
+        eye = torch.eye(s, dtype=Q.dtype)
+        scale = P0.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None, None]
+        for rel in (1e-12, 1e-10, 1e-8):
+            chol_Q, info = torch.linalg.cholesky_ex(Q + rel * scale * eye)
+            if not bool((info > 0).any()):
+                break
+        else:
+            raise torch.linalg.LinAlgError("State-space process noise Q is not positive definite even with jitter "
+                                           "1e-8; check for (near-)duplicate time points or extreme lengthscales.")
     trans = torch.cholesky_solve(second, chol_Q).diagonal(dim1=-2, dim2=-1).sum(-1)
     trans = trans + 2 * chol_Q.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     m0, V0 = means[..., 0, :], covs[..., 0, :, :]

@@ -1,0 +1,380 @@
+"""FunBaT: functional Bayesian CP / Tucker decomposition of continuous-indexed tensors.
+
+Fang et al. (2024), "Functional Bayesian Tucker Decomposition for Continuous-indexed Tensor Data".
+Each mode k has R_k latent functions u_k(·), independent Matérn GPs in state-space form over the
+mode's sorted unique coordinates; entries interact through a Tucker core W ~ N(0, I) (or the CP
+superdiagonal); y = f + ε with a Gamma prior on the noise precision τ. Inference by conditional EP
+(:mod:`latentgp.variational.cep`): per sweep, for every mode, per-entry messages summed per unique
+coordinate and one Kalman/RTS pass; then q(W) (Tucker) and q(τ). Memory is O(Σ_k U_k R_k² + N) plus a
+bounded chunk of per-entry temporaries. Kernel lengthscales are learned by variational EM on
+E_q[log p_θ(u_k)] (the same objective as cvHM's, :func:`~latentgp.variational.cvi.expected_log_prior`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import DEFAULT_DTYPE, _as_float_array, check_int, check_positive
+from ..fit import seeded, torch_threads, train
+from ..io import register_model
+from ..kernels import Matern, state_space_form
+from ..variational import cep
+from ..variational.cvi import Sites, expected_log_prior, joint_state_space, latent_blocks, site_posterior
+from .base import Model, prediction_frame
+
+CHUNK = 65536  # entries per block of per-entry temporaries
+
+
+class _Mode:
+    """One mode's coordinates, kernel, CEP sites and posterior moments at its unique coordinates."""
+
+    def __init__(self, coords: np.ndarray, kernel, dtype):
+        self.values, inverse = np.unique(coords, return_inverse=True)
+        self.index = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+        self.kernel = kernel
+        self.grid = torch.as_tensor(self.values, dtype=dtype)
+        self.rank = int(kernel.batch_shape[0])
+        self.sites = Sites.zeros((), len(self.values), self.rank, dtype)
+        self.mean = self.cov = None
+
+    def posterior(self, extra=None):
+        """Posterior at the unique training coordinates, plus at ``extra`` coordinates (no sites) if given.
+
+        Returns (mean (U, R), cov (U, R, R), smoother result, coordinates, dt) on the merged, sorted grid
+        and the positions of the training and extra coordinates in it."""
+        grid, sites = self.grid, self.sites
+        if extra is not None:
+            grid, pos = torch.unique(torch.cat((self.grid, extra)), sorted=True, return_inverse=True)
+            train_pos, extra_pos = pos[: len(self.grid)], pos[len(self.grid):]
+            precision = sites.precision.new_zeros((len(grid), self.rank, self.rank))
+            shift = sites.shift.new_zeros((len(grid), self.rank))
+            sites = Sites(precision.index_copy(0, train_pos, sites.precision),
+                          shift.index_copy(0, train_pos, sites.shift))
+        else:
+            train_pos = extra_pos = None
+        dt = torch.diff(grid, prepend=grid[:1])
+        A, Q, P0, H = joint_state_space(state_space_form(self.kernel), dt)
+        _, sm, mean, cov = site_posterior(A, Q, P0, H, sites, square_root=True)
+        return mean, cov, sm, dt, train_pos, extra_pos
+
+
+@register_model
+class FunctionalTucker(Model):
+    """Functional Bayesian CP / Tucker decomposition (FunBaT) by conditional EP.
+
+    Parameters
+    ----------
+    rank : int, or one int per mode (Tucker)
+    kind : "cp" (diagonal core, one rank) or "tucker" (core W ~ N(0, I) with q(W) Gaussian)
+    nu : Matérn smoothness of the factor functions (0.5, 1.5, 2.5, 3.5); ignored if ``kernels`` given
+    kernels : optional list of one kernel per mode, each with ``batch_shape == (rank_k,)`` and a
+        state-space form (e.g. ``latentgp.kernels.Matern(nu=1.5, batch_shape=torch.Size([R]))``)
+    noise_prior : (a0, b0) of the Gamma prior on the noise precision of the *standardised* values
+    """
+
+    def __init__(self, rank, kind: str = "cp", nu: float = 1.5, kernels=None, noise_prior=(1e-3, 1e-3),
+                 dtype=DEFAULT_DTYPE):
+        if kind not in ("cp", "tucker"):
+            raise ValueError(f"`kind` must be 'cp' or 'tucker'; got {kind!r}.")
+        if isinstance(rank, (list, tuple)):
+            if kind == "cp" and len(set(rank)) > 1:
+                raise ValueError(f"`rank` must be one int for kind='cp'; got {rank}.")
+            self.rank = [check_int(r, "rank", 1) for r in rank]
+        else:
+            self.rank = check_int(rank, "rank", 1)
+        if nu not in (0.5, 1.5, 2.5, 3.5):
+            raise ValueError(f"`nu` must be 0.5, 1.5, 2.5 or 3.5 (a state-space Matérn); got {nu}.")
+        a0, b0 = noise_prior
+        self.noise_prior = (check_positive(a0, "noise_prior[0]"), check_positive(b0, "noise_prior[1]"))
+        self.kind, self.nu, self.dtype = kind, nu, dtype
+        self._kernels = kernels
+        self.history = None
+        self._train = None
+
+    # ------------------------------------------------------------------ data
+    def _split(self, X, y, modes):
+        if isinstance(X, pd.DataFrame):
+            if not isinstance(y, str):
+                raise TypeError("With a DataFrame, `y` must be the name of the value column.")
+            modes = [c for c in X.columns if c != y] if modes is None else list(modes)
+            missing = [c for c in [*modes, y] if c not in X.columns]
+            if missing:
+                raise ValueError(f"Columns {missing} are not in the DataFrame (columns: {list(X.columns)}).")
+            coords, values = _as_float_array(X[modes].to_numpy(), "modes"), _as_float_array(X[y].to_numpy(), "y")
+        else:
+            coords, values = _as_float_array(X, "X"), _as_float_array(y, "y")
+            modes = [f"mode{k}" for k in range(coords.shape[1])] if modes is None else list(modes)
+        if coords.ndim != 2 or coords.shape[1] < 2:
+            raise ValueError(f"Coordinates must be (N, K) with K >= 2 modes; got shape {coords.shape}.")
+        if len(modes) != coords.shape[1]:
+            raise ValueError(f"`modes` names {len(modes)} columns for {coords.shape[1]} coordinate columns.")
+        values = values.reshape(-1)
+        if len(values) != len(coords):
+            raise ValueError(f"`y` has {len(values)} values for {len(coords)} coordinate rows.")
+        return coords, values, modes
+
+    def _mode_kernels(self, coords):
+        K = coords.shape[1]
+        ranks = self.rank if isinstance(self.rank, list) else [self.rank] * K
+        if len(ranks) != K:
+            raise ValueError(f"`rank` gives {len(ranks)} ranks for {K} modes.")
+        if self._kernels is not None:
+            if len(self._kernels) != K:
+                raise ValueError(f"`kernels` has {len(self._kernels)} kernels for {K} modes.")
+            for k, (kern, r) in enumerate(zip(self._kernels, ranks, strict=True)):
+                if tuple(kern.batch_shape) != (r,):
+                    raise ValueError(f"kernels[{k}] must have batch_shape ({r},); got {tuple(kern.batch_shape)}.")
+                state_space_form(kern)
+            return [k.to(self.dtype) for k in self._kernels]
+        kernels = []
+        for k, r in enumerate(ranks):
+            span = float(np.ptp(coords[:, k]))
+            kern = Matern(nu=self.nu, batch_shape=torch.Size([r])).to(self.dtype)
+            kern.lengthscale = torch.full((r, 1, 1), span / 5, dtype=self.dtype)  # a few bumps over the range
+            kernels.append(kern)
+        return kernels
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y, modes=None, *, sweeps: int = 50, damping: float = 0.7, learn_hyperparameters: bool = True,
+            lr: float = 0.05, progress=None, tol: float | None = 1e-6, seed=None):
+        """Fit by conditional EP sweeps.
+
+        ``X``: DataFrame with one column per mode (``modes``, default all but ``y``) and the value
+        column ``y``; or a coordinates array (N, K) with values ``y`` (N,). Only observed entries are
+        given; coordinates are continuous and need not lie on a grid. Each sweep updates every mode
+        (damped sites, ``damping`` = weight of the new messages), then the core and the noise; with
+        ``learn_hyperparameters`` each mode's kernel takes one Adam step (``lr``) on the variational-EM
+        objective per sweep. ``history``: per sweep, training RMSE (``loss``), noise sd, lengthscales.
+        """
+        coords, values, names = self._split(X, y, modes)
+        if not np.isfinite(coords).all() or not np.isfinite(values).all():
+            raise ValueError("Coordinates and `y` must be finite (no NaN/inf); drop or impute missing entries.")
+        for k in range(coords.shape[1]):
+            if len(np.unique(coords[:, k])) < 2:
+                raise ValueError(f"Mode {names[k]!r} has a single unique coordinate; drop it or add data.")
+        sweeps = check_int(sweeps, "sweeps", 1)
+        if not 0 < damping <= 1:
+            raise ValueError(f"`damping` must be in (0, 1]; got {damping}.")
+        kernels = self._mode_kernels(coords)
+
+        self.modes = names
+        self._center, self._scale = float(values.mean()), float(values.std()) or 1.0
+        self._coords, self._values = coords, values
+        y_t = torch.as_tensor((values - self._center) / self._scale, dtype=self.dtype)
+        self._train = y_t
+        self._modes = [_Mode(coords[:, k], kernels[k], self.dtype) for k in range(coords.shape[1])]
+        with seeded(seed):
+            for m in self._modes:  # symmetric zero means would send zero messages: start from a prior draw
+                m.mean = 0.5 * torch.randn(len(m.values), m.rank, dtype=self.dtype)
+                m.cov = 0.1 * torch.eye(m.rank, dtype=self.dtype).expand(len(m.values), m.rank, m.rank)
+        ranks = [m.rank for m in self._modes]
+        if self.kind == "tucker":
+            self._core_mean = torch.randn(*ranks, dtype=self.dtype) / np.sqrt(np.prod(ranks))
+            self._core_second = self._outer(self._core_mean)
+        else:
+            self._core_mean = self._core_second = None
+        self._tau = 1.0 / 0.1  # initial noise variance: 10% of the (standardised) signal
+        opts = [torch.optim.Adam(m.kernel.parameters(), lr=lr) for m in self._modes]
+
+        def sweep():
+            for k, mode in enumerate(self._modes):
+                self._update_mode(k, damping)
+                if learn_hyperparameters:
+                    self._hyper_step(mode, opts[k])
+            if self.kind == "tucker":
+                self._update_core()
+            self._update_noise()
+            return self._rmse()
+
+        with torch_threads(1):  # many small ops: one thread is faster on a busy machine (see cvHM)
+            self.history = train(sweep, steps=sweeps, progress=progress, tol=tol, record=self._record,
+                                 desc="FunBaT")
+        return self
+
+    @staticmethod
+    def _outer(t):
+        return t.reshape(*t.shape, *([1] * t.dim())) * t.reshape(*([1] * t.dim()), *t.shape)
+
+    def _entry_moments(self, sl, skip=None):
+        """Per-entry means and second moments of every mode for entries ``sl`` (mode ``skip`` left out)."""
+        means, seconds = [], []
+        for k, m in enumerate(self._modes):
+            if k == skip:
+                means.append(None)
+                seconds.append(None)
+                continue
+            idx = m.index[sl]
+            means.append(m.mean[idx])
+            seconds.append(cep.second_moments(m.mean[idx], m.cov[idx]))
+        return means, seconds
+
+    def _messages(self, k):
+        """CEP messages to mode k summed per unique coordinate: precision (U, R, R), shift (U, R)."""
+        mode = self._modes[k]
+        U, R = len(mode.values), mode.rank
+        precision = self._train.new_zeros((U, R, R))
+        shift = self._train.new_zeros((U, R))
+        for sl in cep.chunks(len(self._train), CHUNK):
+            means, seconds = self._entry_moments(sl, skip=k)
+            means[k] = mode.mean[mode.index[sl]]
+            seconds[k] = mode.cov[mode.index[sl]]  # placeholders: other_moments ignores mode k
+            Ea, Eaa = cep.other_moments(self.kind, k, means, seconds, self._core_mean, self._core_second)
+            idx = mode.index[sl]
+            precision += cep.aggregate(self._tau * Eaa, idx, U)
+            shift += cep.aggregate(self._tau * self._train[sl, None] * Ea, idx, U)
+        return precision, shift
+
+    def _update_mode(self, k, damping):
+        mode = self._modes[k]
+        with torch.no_grad():
+            precision, shift = self._messages(k)
+            mode.sites = mode.sites.damped(precision, shift, damping)
+            mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
+
+    def _hyper_step(self, mode, opt):
+        blocks = [b.detach() for b in latent_blocks(mode._smoother, mode.rank)]
+        opt.zero_grad()
+        loss = -expected_log_prior(state_space_form(mode.kernel), mode._dt, *blocks) / len(mode.values)
+        loss.backward()
+        opt.step()
+
+    def _update_core(self):
+        ranks = [m.rank for m in self._modes]
+        n = int(np.prod(ranks))
+        precision = torch.zeros(n, n, dtype=self.dtype)
+        shift = torch.zeros(n, dtype=self.dtype)
+        for sl in cep.chunks(len(self._train), CHUNK):
+            means, seconds = self._entry_moments(sl)
+            P, s = cep.core_statistics(means, seconds, self._train[sl])
+            precision += P.reshape(n, n)
+            shift += s.reshape(n)
+        precision = torch.eye(n, dtype=self.dtype) + self._tau * precision
+        chol = torch.linalg.cholesky(0.5 * (precision + precision.T))
+        cov = torch.cholesky_inverse(chol)
+        mean = cov @ (self._tau * shift)
+        self._core_mean = mean.reshape(ranks)
+        self._core_second = (cov + torch.outer(mean, mean)).reshape(*ranks, *ranks)
+
+    def _squared_error(self):
+        total = 0.0
+        for sl in cep.chunks(len(self._train), CHUNK):
+            means, seconds = self._entry_moments(sl)
+            Ef, Ef2 = cep.entry_moments(self.kind, means, seconds, self._core_mean, self._core_second)
+            y = self._train[sl]
+            total += float((y * y - 2 * y * Ef + Ef2).sum())
+        return total
+
+    def _update_noise(self):
+        a0, b0 = self.noise_prior
+        self._tau = (a0 + 0.5 * len(self._train)) / (b0 + 0.5 * self._squared_error())
+
+    def _predict_standardised(self, means, seconds):
+        Ef, Ef2 = cep.entry_moments(self.kind, means, seconds, self._core_mean, self._core_second)
+        return Ef, (Ef2 - Ef * Ef).clamp_min(0.0)
+
+    def _rmse(self):
+        sq = 0.0
+        for sl in cep.chunks(len(self._train), CHUNK):
+            means, seconds = self._entry_moments(sl)
+            Ef, _ = self._predict_standardised(means, seconds)
+            sq += float(((Ef - self._train[sl]) ** 2).sum())
+        return self._scale * np.sqrt(sq / len(self._train))
+
+    def _record(self):
+        out = {"noise_sd": self._scale / np.sqrt(self._tau)}
+        for name, m in zip(self.modes, self._modes, strict=True):
+            for r, v in enumerate(m.kernel.lengthscale.detach().flatten().tolist()):
+                out[f"lengthscale_{name}_{r}"] = v
+        return out
+
+    # ------------------------------------------------------------------ results
+    def _coords_of(self, X):
+        if isinstance(X, pd.DataFrame):
+            missing = [c for c in self.modes if c not in X.columns]
+            if missing:
+                raise ValueError(f"Columns {missing} are not in the DataFrame.")
+            return _as_float_array(X[self.modes].to_numpy(), "X")
+        coords = _as_float_array(X, "X")
+        if coords.ndim != 2 or coords.shape[1] != len(self.modes):
+            raise ValueError(f"`X` must be (n, {len(self.modes)}); got shape {coords.shape}.")
+        return coords
+
+    def predict(self, X, *, include_noise: bool = False, level: float = 0.95) -> pd.DataFrame:
+        """Posterior of the tensor at coordinate tuples ``X`` (DataFrame with the mode columns, or (n, K)
+        array), including coordinates never seen in training. DataFrame: modes, mean, var, lower, upper."""
+        self._require_fitted("predict()")
+        coords = self._coords_of(X)
+        if not np.isfinite(coords).all():
+            raise ValueError("`X` must be finite.")
+        means, seconds = [], []
+        for k, mode in enumerate(self._modes):
+            new = torch.as_tensor(coords[:, k], dtype=self.dtype)
+            with torch.no_grad():
+                mean, cov, _, _, _, pos = mode.posterior(extra=new)
+            means.append(mean[pos])
+            seconds.append(cep.second_moments(mean[pos], cov[pos]))
+        Ef, var = self._predict_standardised(means, seconds)
+        if include_noise:
+            var = var + 1.0 / self._tau
+        mean = self._center + self._scale * Ef
+        return prediction_frame(torch.as_tensor(coords), self.modes, mean, self._scale ** 2 * var, level)
+
+    def factors(self, mode, grid, level: float = 0.95) -> pd.DataFrame:
+        """Posterior of mode ``mode``'s latent functions on ``grid``: DataFrame with the coordinate,
+        ``factor`` (0 .. R-1), mean, var, lower, upper. (Factors are identified only up to the usual
+        scale/sign/rotation of a tensor decomposition.)"""
+        self._require_fitted("factors()")
+        k = self.modes.index(mode) if mode in self.modes else mode
+        if not isinstance(k, int) or not 0 <= k < len(self._modes):
+            raise ValueError(f"`mode` must be one of {self.modes} or an index; got {mode!r}.")
+        grid = torch.as_tensor(_as_float_array(grid, "grid").reshape(-1), dtype=self.dtype)
+        with torch.no_grad():
+            mean, cov, _, _, _, pos = self._modes[k].posterior(extra=grid)
+        R = self._modes[k].rank
+        frames = []
+        for r in range(R):
+            f = prediction_frame(grid.unsqueeze(-1), [self.modes[k]], mean[pos, r], cov[pos, r, r], level)
+            f.insert(1, "factor", r)
+            frames.append(f)
+        return pd.concat(frames, ignore_index=True)
+
+    @property
+    def noise_sd(self) -> float:
+        self._require_fitted("noise_sd")
+        return self._scale / float(np.sqrt(self._tau))
+
+    # ------------------------------------------------------------------ save / load
+    def _payload(self):
+        from ..io import kernel_spec
+
+        return {"config": {"rank": self.rank, "kind": self.kind, "nu": self.nu, "noise_prior": list(self.noise_prior),
+                           "modes": self.modes, "center": self._center, "scale": self._scale, "tau": self._tau},
+                "kernel": None,
+                "state": {"kernel_specs": [kernel_spec(m.kernel) for m in self._modes],
+                          "kernel_states": [m.kernel.state_dict() for m in self._modes],
+                          "precision": [m.sites.precision for m in self._modes],
+                          "shift": [m.sites.shift for m in self._modes],
+                          "core_mean": self._core_mean, "core_second": self._core_second},
+                "data": {"coords": torch.as_tensor(self._coords), "values": torch.as_tensor(self._values)}}
+
+    @classmethod
+    def _from_payload(cls, payload, kernel):
+        from ..io import kernel_from_spec
+
+        cfg, st = payload["config"], payload["state"]
+        model = cls(cfg["rank"], kind=cfg["kind"], nu=cfg["nu"], noise_prior=tuple(cfg["noise_prior"]))
+        model.modes, model._center, model._scale, model._tau = cfg["modes"], cfg["center"], cfg["scale"], cfg["tau"]
+        model._coords, model._values = payload["data"]["coords"].numpy(), payload["data"]["values"].numpy()
+        model._train = torch.as_tensor((model._values - model._center) / model._scale, dtype=model.dtype)
+        model._modes = []
+        for k, (spec, state) in enumerate(zip(st["kernel_specs"], st["kernel_states"], strict=True)):
+            kern = kernel_from_spec(spec).to(model.dtype)
+            kern.load_state_dict(state)
+            mode = _Mode(model._coords[:, k], kern, model.dtype)
+            mode.sites = Sites(st["precision"][k], st["shift"][k])
+            with torch.no_grad():
+                mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
+            model._modes.append(mode)
+        model._core_mean, model._core_second = st["core_mean"], st["core_second"]
+        return model

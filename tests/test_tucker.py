@@ -1,0 +1,180 @@
+"""FunBaT (FunctionalTucker): mode ordering, per-coordinate aggregation, exact GP on a fixed mode, fits."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import latentgp as lgp
+from latentgp.kernels import Matern
+from latentgp.variational import cep
+
+T64 = torch.float64
+
+
+@pytest.mark.parametrize("ranks", [(2, 3), (2, 3, 2), (3, 1, 2, 2)])
+def test_mode_ordering_matches_the_kronecker_product(ranks):
+    """a_kᵀ u_k = vec(W)ᵀ (u_1 ⊗ ... ⊗ u_K) for every mode k (row-major vec, Kronecker in mode order),
+    and E[a aᵀ] with a point-mass W and factors is a_k a_kᵀ."""
+    gen = torch.Generator().manual_seed(len(ranks))
+    W = torch.randn(*ranks, dtype=T64, generator=gen)
+    us = [torch.randn(1, r, dtype=T64, generator=gen) for r in ranks]
+    kron = us[0][0].numpy()
+    for u in us[1:]:
+        kron = np.kron(kron, u[0].numpy())
+    target = W.numpy().reshape(-1) @ kron
+    seconds = [u.unsqueeze(-1) * u.unsqueeze(-2) for u in us]
+    W2 = W.reshape(*ranks, *([1] * len(ranks))) * W.reshape(*([1] * len(ranks)), *ranks)
+    for k in range(len(ranks)):
+        Ea, Eaa = cep.other_moments("tucker", k, us, seconds, W, W2)
+        assert float(Ea[0] @ us[k][0]) == pytest.approx(target, rel=1e-12)
+        np.testing.assert_allclose(Eaa[0].numpy(), torch.outer(Ea[0], Ea[0]).numpy(), rtol=1e-12, atol=1e-14)
+    Ef, Ef2 = cep.entry_moments("tucker", us, seconds, W, W2)
+    assert float(Ef) == pytest.approx(target, rel=1e-12) and float(Ef2) == pytest.approx(target**2, rel=1e-12)
+
+
+def test_cp_is_tucker_with_a_superdiagonal_core():
+    gen = torch.Generator().manual_seed(0)
+    R, K, n = 3, 3, 5
+    means = [torch.randn(n, R, dtype=T64, generator=gen) for _ in range(K)]
+    L = [torch.randn(n, R, R, dtype=T64, generator=gen) for _ in range(K)]
+    seconds = [cep.second_moments(m, l @ l.transpose(-1, -2)) for m, l in zip(means, L, strict=True)]
+    W = torch.zeros(R, R, R, dtype=T64)
+    W[range(R), range(R), range(R)] = 1.0
+    W2 = W.reshape(R, R, R, 1, 1, 1) * W.reshape(1, 1, 1, R, R, R)
+    for k in range(K):
+        cp, tucker = cep.other_moments("cp", k, means, seconds), cep.other_moments("tucker", k, means, seconds, W, W2)
+        for a, b in zip(cp, tucker, strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(cep.entry_moments("cp", means, seconds), cep.entry_moments("tucker", means, seconds, W, W2),
+                    strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+
+
+def _toy(n=300, seed=0, K=2):
+    rng = np.random.default_rng(seed)
+    coords = rng.uniform(0, 1, (n, K)).round(2)  # repeated coordinate values: several entries per site
+    y = np.sin(2 * np.pi * coords[:, 0]) * np.cos(3 * coords[:, 1]) + 0.05 * rng.standard_normal(n)
+    return coords, y
+
+
+@pytest.mark.parametrize("kind", ["cp", "tucker"])
+def test_aggregated_messages_equal_per_entry_message_passing(kind):
+    coords, y = _toy(K=3)
+    model = lgp.FunctionalTucker(2, kind=kind).fit(coords, y, sweeps=2, progress=False, seed=0)
+    for k, mode in enumerate(model._modes):
+        precision, shift = model._messages(k)
+        ref_p = np.zeros(tuple(precision.shape))
+        ref_s = np.zeros(tuple(shift.shape))
+        for n in range(len(y)):  # reference: one message per entry, added to its coordinate's site
+            means, seconds = model._entry_moments(slice(n, n + 1))
+            Ea, Eaa = cep.other_moments(kind, k, means, seconds, model._core_mean, model._core_second)
+            i = int(mode.index[n])
+            ref_p[i] += model._tau * Eaa[0].numpy()
+            ref_s[i] += model._tau * float(model._train[n]) * Ea[0].numpy()
+        np.testing.assert_allclose(precision.numpy(), ref_p, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(shift.numpy(), ref_s, rtol=1e-10, atol=1e-10)
+        assert precision.shape == (len(mode.values), 2, 2)  # per unique coordinate, not per entry
+
+
+def test_fixed_mode_posterior_is_exact_gp_regression():
+    """Mode 1 known exactly (zero variance), τ fixed: one undamped CEP update of mode 0 is Gaussian
+    conditioning of u_0 on y_n = a_nᵀ u_0(i_n) + ε — compare with the dense GP posterior."""
+    coords, y = _toy(n=120, seed=2)
+    R = 2
+    model = lgp.FunctionalTucker(R, kind="cp").fit(coords, y, sweeps=1, learn_hyperparameters=False, progress=False)
+    rng = np.random.default_rng(5)
+    m1 = model._modes[1]
+    m1.mean = torch.as_tensor(rng.standard_normal((len(m1.values), R)))
+    m1.cov = torch.zeros(len(m1.values), R, R, dtype=T64)
+    model._tau = 7.0
+    m0 = model._modes[0]
+    m0.sites = type(m0.sites).zeros((), len(m0.values), R, T64)
+    model._update_mode(0, 1.0)
+    # dense reference
+    U = len(m0.values)
+    with torch.no_grad():
+        Kr = m0.kernel(m0.grid.unsqueeze(-1)).to_dense().numpy()  # (R, U, U)
+    Kfull = np.zeros((U * R, U * R))
+    for r in range(R):
+        Kfull[r::R, r::R] = Kr[r]
+    a = m1.mean[m1.index].numpy()  # (N, R)
+    G = np.zeros((len(y), U * R))
+    G[np.arange(len(y))[:, None], m0.index.numpy()[:, None] * R + np.arange(R)] = a
+    yt = model._train.numpy()
+    S = G @ Kfull @ G.T + np.eye(len(y)) / 7.0
+    KG = Kfull @ G.T
+    mean = KG @ np.linalg.solve(S, yt)
+    cov = Kfull - KG @ np.linalg.solve(S, KG.T)
+    np.testing.assert_allclose(m0.mean.numpy().reshape(-1), mean, rtol=1e-8, atol=1e-9)
+    for u in range(U):
+        np.testing.assert_allclose(m0.cov[u].numpy(), cov[u * R:(u + 1) * R, u * R:(u + 1) * R], rtol=1e-8, atol=1e-9)
+
+
+def _cp_rank1(n_grid=40, frac=0.3, noise=0.02, seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.linspace(0, 1, n_grid)
+    I, J = np.meshgrid(g, g, indexing="ij")
+    truth = -np.sin(2 * np.pi * I) ** 3 * (1 - np.sin(np.pi * J) ** 3) * np.sin(3 * np.pi * J) ** 3
+    coords = np.c_[I.ravel(), J.ravel()]
+    perm = rng.permutation(len(coords))
+    tr, te = perm[: int(frac * len(perm))], perm[int(frac * len(perm)):]
+    y = truth.ravel()[tr] + noise * rng.standard_normal(len(tr))
+    return pd.DataFrame({"lat": coords[tr, 0], "lon": coords[tr, 1], "value": y}), coords[te], truth.ravel()[te]
+
+
+def test_cp_rank1_recovers_the_surface_and_predicts_unseen_coordinates(tmp_path):
+    df, test_coords, truth = _cp_rank1()
+    model = lgp.FunctionalTucker(1, kind="cp").fit(df, y="value", modes=["lat", "lon"], sweeps=40, progress=False,
+                                                   seed=0)
+    pred = model.predict(pd.DataFrame(test_coords, columns=["lat", "lon"]))
+    assert list(pred.columns) == ["lat", "lon", "mean", "var", "lower", "upper"]
+    rmse = np.sqrt(np.mean((pred["mean"] - truth) ** 2))
+    assert rmse < 0.02, rmse
+    assert model.noise_sd == pytest.approx(0.02, rel=0.25)
+    # unseen coordinates (between training values): smooth interpolation, finite variances
+    new = model.predict(np.array([[0.123456, 0.654321], [0.5, 0.25]]), include_noise=True)
+    assert np.all(new["var"] > 0) and np.all(np.isfinite(new["mean"]))
+    f = model.factors("lat", np.linspace(0, 1, 7))
+    assert list(f.columns) == ["lat", "factor", "mean", "var", "lower", "upper"] and len(f) == 7
+    assert len(model.history) >= 2 and "noise_sd" in model.history
+    model.save(tmp_path / "funbat.pt")
+    back = lgp.load(tmp_path / "funbat.pt")
+    pd.testing.assert_frame_equal(back.predict(test_coords[:20]), model.predict(test_coords[:20]))
+
+
+def test_tucker_three_modes_fits_a_rank_two_interaction():
+    rng = np.random.default_rng(1)
+    coords = rng.uniform(0, 1, (800, 3))
+    f = np.sin(3 * coords[:, 0]) * np.cos(2 * coords[:, 1]) + coords[:, 2] * np.sin(4 * coords[:, 0])
+    y = f + 0.05 * rng.standard_normal(len(f))
+    model = lgp.FunctionalTucker([3, 3, 3], kind="tucker").fit(coords[:600], y[:600], sweeps=20, progress=False,
+                                                                seed=0)
+    pred = model.predict(coords[600:])
+    rmse = np.sqrt(np.mean((pred["mean"] - f[600:]) ** 2))
+    assert rmse < 0.1 * f.std(), rmse  # noise sd is 0.1 x the signal's
+    assert model._core_mean.shape == (3, 3, 3)
+    assert model.noise_sd == pytest.approx(0.05, rel=0.3)
+
+
+def test_bad_inputs():
+    coords, y = _toy()
+    df = pd.DataFrame({"a": coords[:, 0], "b": coords[:, 1], "v": y})
+    with pytest.raises(ValueError, match="rank"):
+        lgp.FunctionalTucker(0)
+    with pytest.raises(ValueError, match="kind"):
+        lgp.FunctionalTucker(1, kind="parafac")
+    with pytest.raises(ValueError, match="not in the DataFrame"):
+        lgp.FunctionalTucker(1).fit(df, y="v", modes=["a", "c"])
+    bad = df.copy()
+    bad.loc[3, "v"] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        lgp.FunctionalTucker(1).fit(bad, y="v")
+    one = df.assign(b=0.5)
+    with pytest.raises(ValueError, match="single unique coordinate"):
+        lgp.FunctionalTucker(1).fit(one, y="v")
+    with pytest.raises(ValueError, match="K >= 2"):
+        lgp.FunctionalTucker(1).fit(coords[:, :1], y)
+    with pytest.raises(ValueError, match="batch_shape"):
+        lgp.FunctionalTucker(2, kernels=[Matern(nu=1.5), Matern(nu=1.5)]).fit(coords, y)
+    with pytest.raises(lgp.models.base.NotFittedError):
+        lgp.FunctionalTucker(1).predict(coords)
