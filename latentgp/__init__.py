@@ -9,6 +9,8 @@ from .models.gpfa import GPFA
 from .models.poisson_latent import PoissonLatentGP
 from .models.state_space import StateSpaceGP
 from .models.tucker import FunctionalTucker
+from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
-__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker"]
+__all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
+           "VectorFieldGP", "ScalarFieldGP"]
 __version__ = "0.1.0"

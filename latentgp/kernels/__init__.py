@@ -7,6 +7,7 @@
 :func:`spectral_density` and :func:`state_space_form` work on these and on gpytorch's own
 kernels and their sums / scalings.
 """
+from .connection_laplacian import ConnectionLaplacianKernel
 from .hida_matern import HidaMatern
 from .matern import Matern
 from .spectral import spectral_density
@@ -14,4 +15,4 @@ from .spectral_mixture import SpectralMixture
 from .state_space import StateSpaceForm, matern_state_space, state_space_form
 
 __all__ = ["Matern", "HidaMatern", "SpectralMixture", "spectral_density", "state_space_form", "StateSpaceForm",
-           "matern_state_space"]
+           "matern_state_space", "ConnectionLaplacianKernel"]

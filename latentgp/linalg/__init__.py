@@ -1,8 +1,9 @@
 """Pure linear-algebra functions: log-Bessel, stable Cholesky, Kalman filtering/smoothing."""
 from .bessel import log_bessel_kv
 from .cholesky import safe_cholesky
+from .connection_laplacian import ConnectionLaplacian, connection_laplacian
 from .kalman import FilterResult, SmootherResult, kalman_filter, kalman_smoother
 from .scan import associative_scan
 
 __all__ = ["log_bessel_kv", "safe_cholesky", "kalman_filter", "kalman_smoother", "FilterResult", "SmootherResult",
-           "associative_scan"]
+           "associative_scan", "connection_laplacian", "ConnectionLaplacian"]
