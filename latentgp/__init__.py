@@ -7,10 +7,11 @@ from .io import load
 from .models.exact import GPRegressor
 from .models.gpfa import GPFA
 from .models.poisson_latent import PoissonLatentGP
+from .models.sic import SICGP
 from .models.state_space import StateSpaceGP
 from .models.tucker import FunctionalTucker
 from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
 __all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
-           "VectorFieldGP", "ScalarFieldGP"]
+           "VectorFieldGP", "ScalarFieldGP", "SICGP"]
 __version__ = "0.1.0"

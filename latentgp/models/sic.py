@@ -1,0 +1,321 @@
+"""``SICGP``: latent GP by the DKLGP sparse inverse-Cholesky variational approximation.
+
+Algorithm (Cao et al. 2023): order the inputs by maximin in the kernel's scaled space, build the
+nearest-earlier-neighbour pattern with radius ρ ℓ_i, approximate the prior by its KL-optimal sparse
+inverse-Cholesky factor Û, fit q(f) = N(ν, (VVᵀ)⁻¹) with V on the same pattern by maximising the
+ELBO (minibatches of spatially compact blocks; see :mod:`latentgp.variational.sic`) jointly with the
+hyperparameters, and predict at new inputs by ordering them after the training inputs.
+
+The ordering and pattern are computed once per ``fit`` with the kernel lengthscales at that moment
+(the initial ones on a first fit); refitting re-orders with the learned lengthscales.
+"""
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import cKDTree
+
+from ..data import DEFAULT_DTYPE, Inputs, as_inputs, as_targets, check_int, check_positive, split_frame
+from ..fit import optimize, seeded, train
+from ..io import register_model
+from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_mask, sic_columns, sic_pattern
+from ..variational.sic import (
+    GaussianLikelihood,
+    SICVariational,
+    elbo_terms,
+    get_likelihood,
+    marginals,
+    solve_batch_columns,
+)
+from .base import Model, prediction_frame
+
+
+def _lengthscale(kernel):
+    """The ARD lengthscales that define the scaled space (None if the kernel has none)."""
+    k = kernel
+    while isinstance(k, gpytorch.kernels.ScaleKernel):
+        k = k.base_kernel
+    ls = getattr(k, "lengthscale", None)
+    return None if ls is None else ls.detach().reshape(-1)
+
+
+@register_model
+class SICGP(Model):
+    """Latent GP with a sparse inverse-Cholesky (DKLGP) variational posterior.
+
+    Parameters
+    ----------
+    kernel : gpytorch Kernel, optional
+        Default ``ScaleKernel(Matern(nu=1.5))`` initialised from the data.
+    rho : float
+        Neighbourhood radius in units of each point's maximin length scale (accuracy/speed knob).
+    likelihood : {"gaussian", "bernoulli", "poisson", "student_t"} or SICLikelihood, default Gaussian.
+    noise : float, optional
+        Fix the Gaussian noise variance (learned when ``None``).
+    max_neighbors : int or None
+        Cap on the conditioning set size m (``None``: no cap).
+    mean : {"constant", "zero"}
+    """
+
+    def __init__(self, kernel=None, rho: float = 2.0, likelihood=None, noise: float | None = None, *,
+                 max_neighbors: int | None = 30, mean: str = "constant", dtype=DEFAULT_DTYPE):
+        from ..kernels import Matern
+
+        if kernel is not None and not isinstance(kernel, gpytorch.kernels.Kernel):
+            raise TypeError(f"`kernel` must be a gpytorch Kernel; got {type(kernel).__name__}.")
+        rho, max_neighbors = _check_rho_m(rho, max_neighbors)
+        noise = check_positive(noise, "noise", allow_none=True)
+        if mean not in ("constant", "zero"):
+            raise ValueError(f"`mean` must be 'constant' or 'zero'; got {mean!r}.")
+        self.likelihood = get_likelihood(likelihood, noise).to(dtype)
+        self._default_kernel = kernel is None
+        self.kernel = (gpytorch.kernels.ScaleKernel(Matern(nu=1.5)) if kernel is None else kernel).to(dtype)
+        mean_module = gpytorch.means.ConstantMean() if mean == "constant" else gpytorch.means.ZeroMean()
+        self.mean_module = mean_module.to(dtype)
+        self.config = {"rho": rho, "max_neighbors": max_neighbors, "mean": mean, "noise": noise,
+                       "likelihood": self.likelihood.name}
+        self.dtype = dtype
+        self.history = None
+        self._train = None
+        self.q = None
+
+    # ------------------------------------------------------------------ prior pieces
+    def _prior_mean(self):
+        if isinstance(self.mean_module, gpytorch.means.ConstantMean):
+            return self.mean_module.constant.reshape(())
+        return torch.zeros((), dtype=self.dtype)
+
+    def _blocks(self, points: torch.Tensor) -> torch.Tensor:
+        """K over each row's point set: (B, M, d) -> (B, M, M)."""
+        return self.kernel(points, points).to_dense()
+
+    def _prior_columns(self, batch: np.ndarray) -> torch.Tensor:
+        """Û's columns (KL-optimal) for training points ``batch``, differentiable in the hyperparameters."""
+        idx = self._pattern_t[batch]
+        return sic_columns(self._blocks(self._X[idx]), self._mask[batch])
+
+    def hyperparameters(self):
+        params = list(self.kernel.parameters()) + list(self.mean_module.parameters())
+        return params + list(self.likelihood.parameters())
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y=None, *, x=None, steps: int = 500, batch_size: int = 256, lr: float = 0.02,
+            method: str = "adam", learn_hyperparameters: bool = True, progress: bool | None = None,
+            tol: float | None = None, seed: int | None = None):
+        """Fit to inputs ``X`` and targets ``y`` (or ``fit(df, "column")``).
+
+        ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (SparseAdam for the
+        variational rows, Adam for the hyperparameters). ``method="lbfgs"``: full-batch L-BFGS (small n).
+        ``learn_hyperparameters=False`` keeps the kernel, mean and likelihood fixed.
+        """
+        X, y, x = split_frame(X, y, x)
+        if y is None:
+            raise TypeError("`y` is required: an array of targets or the name of a column of X.")
+        inputs = as_inputs(X, "X", columns=x, dtype=self.dtype)
+        check_points(inputs.values, "X")
+        target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
+        self.likelihood.check(target.numpy())
+        steps = check_int(steps, "steps")
+        batch_size = check_int(batch_size, "batch_size", 1)
+        check_positive(lr, "lr")
+        if method not in ("adam", "lbfgs"):
+            raise ValueError(f"`method` must be 'adam' or 'lbfgs'; got {method!r}.")
+        n, d = inputs.values.shape
+        if n < 2:
+            raise ValueError("`X` needs at least 2 rows to fit a GP.")
+        ard = _lengthscale(self.kernel)
+        if ard is not None and ard.numel() not in (1, d):
+            raise ValueError(f"`X` has {d} columns but the kernel has {ard.numel()} lengthscales.")
+
+        first = self._train is None
+        target_name = y.name if hasattr(y, "name") and y.name is not None else "y"
+        self._train = (inputs, target, str(target_name))
+        if first:
+            self._init_from_data(inputs.values, target)
+        with seeded(seed):
+            self._build(inputs.values, target, batch_size)
+            self.history = self._optimise(steps, lr, method, learn_hyperparameters, progress, tol)
+        return self
+
+    def _init_from_data(self, X, y):
+        with torch.no_grad():
+            lik = self.likelihood.name
+            centre = {"gaussian": y.mean(), "student_t": y.median(), "poisson": torch.log(y.mean() + 0.5)}
+            if isinstance(self.mean_module, gpytorch.means.ConstantMean):
+                self.mean_module.constant = centre.get(lik, torch.zeros((), dtype=self.dtype))
+            if isinstance(self.likelihood, GaussianLikelihood) and not hasattr(self.likelihood, "fixed_noise"):
+                self.likelihood.raw_noise.copy_(torch.log(torch.expm1(0.1 * y.var())))
+            if self._default_kernel:
+                if lik in ("gaussian", "student_t"):
+                    self.kernel.outputscale = y.var()
+                self.kernel.base_kernel.lengthscale = (X.std(0).mean() / 2).clamp_min(1e-6)
+
+    def _build(self, X, y, batch_size):
+        """Ordering, pattern, minibatch blocks and q initialised at the prior (ν = prior mean, V = Û)."""
+        ard = _lengthscale(self.kernel)
+        ard = None if ard is None else ard.numpy()
+        Xn = X.numpy()
+        order, scales = maximin_ordering(Xn, ard=ard)
+        pattern = sic_pattern(Xn[order], self.config["rho"], scales, self.config["max_neighbors"], ard=ard)
+        self._order, self._pattern = order, pattern
+        self._pattern_t = torch.as_tensor(pattern)
+        self._mask = pattern_mask(self._pattern_t)
+        self._X, self._y = X[order], y[order]
+        scaled = Xn[order] / (1.0 if ard is None else ard)
+        # Blocks of nearby points (KD-tree leaf order) share ancestors: the solve per step stays small.
+        leaf_order = cKDTree(scaled, leafsize=max(1, batch_size // 2)).indices
+        self._blocks_idx = np.array_split(leaf_order, max(1, math.ceil(len(order) / batch_size)))
+        with torch.no_grad():
+            U = torch.cat([self._prior_columns(b) for b in np.array_split(np.arange(len(order)),
+                                                                           max(1, len(order) // 4096))])
+            mu = self._prior_mean().expand(len(order)).clone()
+        self.q = SICVariational(pattern, U, mu).to(self.dtype)
+
+    def _block_loss(self, batch, sparse):
+        """−(ELBO estimate)/n from one block (unbiased over the fixed partition)."""
+        U = self._prior_columns(batch)
+        ell, kl, _ = elbo_terms(self.q, self._pattern, batch, U, self._prior_mean(), self._y[batch],
+                                self.likelihood, sparse)
+        n = len(self._order)
+        weight = n / len(batch) if len(batch) == n else len(self._blocks_idx)
+        return -weight * (ell - kl).sum() / n
+
+    def _record(self):
+        out = {}
+        ls = _lengthscale(self.kernel)
+        if ls is not None:
+            out["lengthscale"] = ls.tolist() if ls.numel() > 1 else float(ls)
+        if isinstance(self.kernel, gpytorch.kernels.ScaleKernel):
+            out["outputscale"] = float(self.kernel.outputscale.detach())
+        out["mean"] = float(self._prior_mean().detach())
+        out.update(self.likelihood.record())
+        return out
+
+    def _optimise(self, steps, lr, method, learn_hyper, progress, tol):
+        hyper = [p for p in self.hyperparameters() if p.requires_grad] if learn_hyper else []
+        if steps == 0:
+            return pd.DataFrame(columns=["step", "loss"])
+        if method == "lbfgs":
+            everything = np.arange(len(self._order))
+            return optimize(lambda: self._block_loss(everything, False), [self.q.raw, self.q.nu] + hyper,
+                            method="lbfgs", steps=steps, progress=progress, tol=tol, record=self._record,
+                            desc="SICGP")
+        sparse_opt = torch.optim.SparseAdam([self.q.raw, self.q.nu], lr=lr)
+        hyper_opt = torch.optim.Adam(hyper, lr=lr) if hyper else None
+        n_blocks = len(self._blocks_idx)
+
+        def step():
+            batch = self._blocks_idx[int(torch.randint(n_blocks, ()))]
+            sparse_opt.zero_grad()
+            if hyper_opt is not None:
+                hyper_opt.zero_grad()
+            loss = self._block_loss(batch, True)
+            loss.backward()
+            sparse_opt.step()
+            if hyper_opt is not None:
+                hyper_opt.step()
+            return loss.item()
+
+        return train(step, steps=steps, progress=progress, tol=tol, record=self._record, desc="SICGP")
+
+    # ------------------------------------------------------------------ objective
+    def elbo(self) -> float:
+        """The full ELBO (natural log) at the current state, summed over all training points."""
+        self._require_fitted("elbo()")
+        with torch.no_grad():
+            total = 0.0
+            for batch in self._blocks_idx:
+                ell, kl, _ = elbo_terms(self.q, self._pattern, batch, self._prior_columns(batch), self._prior_mean(),
+                                        self._y[batch], self.likelihood)
+                total += float((ell - kl).sum())
+            return total
+
+    # ------------------------------------------------------------------ prediction
+    def latent_moments(self, X, chunk: int = 256):
+        """Posterior mean and variance of f at new inputs ``X`` (ordered after the training inputs)."""
+        self._require_fitted("predict()")
+        inputs = self._train[0]
+        cols = list(inputs.columns) if isinstance(X, pd.DataFrame) else None
+        new = as_inputs(X, "X", columns=cols, dtype=self.dtype)
+        if new.values.shape[1] != inputs.values.shape[1]:
+            raise ValueError(f"`X` has {new.values.shape[1]} columns; the model was fitted on "
+                             f"{inputs.values.shape[1]}.")
+        ard = _lengthscale(self.kernel)
+        ard = None if ard is None else ard.numpy()
+        Xs = new.values
+        train_scaled = self._X.numpy() / (1.0 if ard is None else ard)
+        scales, _ = cKDTree(train_scaled).query(Xs.numpy() / (1.0 if ard is None else ard))
+        m = self.config["max_neighbors"]
+        nb = torch.as_tensor(sic_pattern(Xs.numpy(), self.config["rho"], np.maximum(scales, 1e-300), m, ard=ard,
+                                         reference=self._X.numpy()))
+        means, variances = [], []
+        with torch.no_grad():
+            mu = self._prior_mean()
+            for s in range(0, len(Xs), chunk):
+                part_nb, part_x = nb[s:s + chunk], Xs[s:s + chunk]
+                valid = part_nb >= 0
+                safe = part_nb.clamp_min(0)
+                pts = torch.cat([part_x[:, None], torch.where(valid[..., None], self._X[safe], part_x[:, None])], 1)
+                mask = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+                col = sic_columns(self._blocks(pts), mask)
+                # Column [1/d, -b/d]: f* | f_s ~ N(μ + bᵀ(f_s − μ), d²).
+                b, d2 = -col[:, 1:] / col[:, :1], col[:, 0] ** -2
+                mean_s = mu + (b * (self.q.mean(safe) - mu)).sum(1)
+                sol = solve_batch_columns(self.q, self._pattern, safe, b * valid)
+                means.append(mean_s)
+                variances.append((sol ** 2).sum(0) + d2)
+        return new, torch.cat(means), torch.cat(variances)
+
+    def predict(self, X, level: float = 0.95, include_noise: bool = False):
+        """DataFrame with the input columns + mean, var, lower, upper of the latent f (Gaussian
+        likelihood with ``include_noise=True``: of new observations)."""
+        new, mean, var = self.latent_moments(X)
+        if include_noise:
+            if not isinstance(self.likelihood, GaussianLikelihood):
+                raise ValueError("`include_noise=True` is available for the Gaussian likelihood only.")
+            var = var + self.likelihood.noise.detach()
+        return prediction_frame(new.values, self._train[0].columns, mean, var, level)
+
+    def training_marginals(self) -> pd.DataFrame:
+        """q's marginal mean and variance at the training inputs (original row order)."""
+        self._require_fitted("training_marginals()")
+        mean, var = marginals(self.q, self._pattern, np.arange(len(self._order)))
+        inv = np.argsort(self._order)
+        return prediction_frame(self._train[0].values, self._train[0].columns, mean[inv], var[inv], 0.95)
+
+    # ------------------------------------------------------------------ save / load
+    def _payload(self):
+        inputs, y, name = self._train
+        return {
+            "config": {**self.config, "default_kernel": self._default_kernel},
+            "kernel": self.kernel,
+            "state": {"kernel": self.kernel.state_dict(), "mean": self.mean_module.state_dict(),
+                      "likelihood": self.likelihood.state_dict(), "q": self.q.state_dict(),
+                      "order": torch.as_tensor(self._order), "blocks": [torch.as_tensor(b) for b in self._blocks_idx]},
+            "data": {"X": inputs.values, "y": y, "columns": list(inputs.columns), "target": name},
+        }
+
+    @classmethod
+    def _from_payload(cls, payload, kernel):
+        cfg, state, data = payload["config"], payload["state"], payload["data"]
+        model = cls(kernel=kernel, rho=cfg["rho"], likelihood=cfg["likelihood"], noise=cfg["noise"],
+                    max_neighbors=cfg["max_neighbors"], mean=cfg["mean"])
+        model._default_kernel = cfg["default_kernel"]
+        model.kernel.load_state_dict(state["kernel"])
+        model.mean_module.load_state_dict(state["mean"])
+        model.likelihood.load_state_dict(state["likelihood"])
+        model._train = (Inputs(data["X"], tuple(data["columns"])), data["y"], data["target"])
+        order = state["order"].numpy()
+        model._order, model._pattern = order, state["q"]["pattern"].numpy()
+        model._pattern_t = state["q"]["pattern"]
+        model._mask = pattern_mask(model._pattern_t)
+        model._X, model._y = data["X"][order], data["y"][order]
+        model._blocks_idx = [b.numpy() for b in state["blocks"]]
+        model.q = SICVariational(model._pattern, torch.ones(model._pattern.shape, dtype=model.dtype),
+                                 torch.zeros(len(order), dtype=model.dtype))
+        model.q.load_state_dict(state["q"])
+        return model

@@ -1,0 +1,167 @@
+"""SICGP (DKLGP) against dense references: ELBO pieces, exact GP at a full pattern, dense VI."""
+import gpytorch
+import numpy as np
+import pytest
+import torch
+
+import latentgp as lgp
+from latentgp.models.sic import SICGP
+from latentgp.variational.sic import GaussianLikelihood, PoissonLikelihood, elbo_terms
+
+
+def _kernel():
+    k = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5)).double()
+    k.outputscale = torch.tensor(1.0, dtype=torch.float64)
+    k.base_kernel.lengthscale = torch.tensor(0.3, dtype=torch.float64)
+    return k
+
+
+def _data(rng, n=40):
+    X = rng.uniform(size=(n, 2))
+    y = np.sin(6 * X[:, 0]) + np.cos(4 * X[:, 1]) + 0.1 * rng.normal(size=n)
+    return X, y
+
+
+def _dense(model):
+    """Dense V, Û, ν, μ of a fitted model (in its internal order)."""
+    n = len(model._order)
+    P = model._pattern_t
+    V = lgp.linalg.sic.SparseInverseCholesky(model.q.values(torch.arange(n)), P).to_dense()
+    U = lgp.linalg.sic.SparseInverseCholesky(model._prior_columns(np.arange(n)), P).to_dense()
+    return V, U, model.q.nu[:, 0], model._prior_mean()
+
+
+def test_elbo_pieces_match_dense_and_blocks_are_unbiased(rng):
+    X, y = _data(rng, 60)
+    m = SICGP(kernel=_kernel(), rho=2.0, noise=0.05, max_neighbors=6).fit(X, y, steps=0, batch_size=16)
+    with torch.no_grad():  # move q away from the prior so every term is non-trivial
+        m.q.raw.add_(0.1 * torch.as_tensor(rng.normal(size=m.q.raw.shape)) * m.q.mask)
+        m.q.nu.add_(0.3 * torch.as_tensor(rng.normal(size=m.q.nu.shape)))
+        V, U, nu, mu = _dense(m)
+        n = len(nu)
+        Sq = torch.cholesky_inverse(torch.linalg.cholesky(V @ V.T))
+        Sp_inv = U @ U.T
+        kl = 0.5 * (torch.trace(Sp_inv @ Sq) + (nu - mu) @ Sp_inv @ (nu - mu) - n
+                    - torch.logdet(Sq) - torch.logdet(Sp_inv))
+        noise = 0.05
+        r = m._y - nu
+        ell = -0.5 * ((r ** 2 + torch.diagonal(Sq)) / noise + np.log(2 * np.pi * noise)).sum()
+        everything = np.arange(n)
+        e, k, var = elbo_terms(m.q, m._pattern, everything, m._prior_columns(everything), mu, m._y, m.likelihood)
+        torch.testing.assert_close(var, torch.diagonal(Sq), rtol=1e-10, atol=1e-12)
+        assert k.sum().item() == pytest.approx(kl.item(), rel=1e-9)
+        assert e.sum().item() == pytest.approx(ell.item(), rel=1e-10)
+        assert m.elbo() == pytest.approx((ell - kl).item(), rel=1e-9)
+        # each block's estimate is (#blocks) x its sum; their average over the partition is the ELBO
+        per_block = [-m._block_loss(b, False).item() * n for b in m._blocks_idx]
+        assert np.mean(per_block) == pytest.approx(m.elbo(), rel=1e-9)
+        assert np.std(per_block) > 0
+
+
+def test_quadrature_matches_closed_forms():
+    y = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    mean = torch.tensor([0.1, 0.5, -0.4], dtype=torch.float64)
+    var = torch.tensor([0.2, 1.5, 0.05], dtype=torch.float64)
+    g = GaussianLikelihood(noise=0.3)
+    torch.testing.assert_close(g.quadrature_log_prob(y, mean, var), g.expected_log_prob(y, mean, var),
+                               rtol=1e-12, atol=1e-12)
+    counts = torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64)
+    closed = counts * mean - torch.exp(mean + var / 2) - torch.lgamma(counts + 1)
+    torch.testing.assert_close(PoissonLikelihood().expected_log_prob(counts, mean, var), closed,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_full_pattern_matches_exact_gp(rng):
+    X, y = _data(rng, 40)
+    Xs = rng.uniform(size=(25, 2))
+    exact = lgp.GPRegressor(kernel=_kernel(), noise=0.01, mean="zero").fit(X, y, steps=0)
+    ref = exact.predict(Xs)
+    m = SICGP(kernel=_kernel(), rho=1e6, noise=0.01, max_neighbors=None, mean="zero")
+    m.fit(X, y, steps=150, method="lbfgs", learn_hyperparameters=False, tol=None)
+    got = m.predict(Xs)
+    # Achieved after 150 L-BFGS steps: means to ~1e-6, variances to ~1e-3 relative.
+    assert np.abs(got["mean"] - ref["mean"]).max() < 1e-4
+    assert np.abs(got["var"] / ref["var"] - 1).max() < 1e-2
+    lml = exact.log_marginal_likelihood()
+    assert lml - 1e-3 < m.elbo() <= lml + 1e-9
+
+
+def test_minibatch_fit_learns_and_roundtrips(rng, tmp_path):
+    X, y = _data(rng, 300)
+    m = SICGP(rho=2.0, max_neighbors=10).fit(X, y, steps=150, batch_size=64, lr=0.05, seed=1)
+    assert {"step", "loss", "lengthscale", "outputscale", "noise"} <= set(m.history.columns)
+    assert m.history.loss.iloc[-20:].mean() < m.history.loss.iloc[:10].mean()
+    Xs = rng.uniform(size=(50, 2))
+    pred = m.predict(Xs)
+    truth = np.sin(6 * Xs[:, 0]) + np.cos(4 * Xs[:, 1])
+    assert np.sqrt(np.mean((pred["mean"] - truth) ** 2)) < 0.35 * truth.std()
+    assert list(pred.columns) == ["x0", "x1", "mean", "var", "lower", "upper"]
+    m.save(tmp_path / "sic.pt")
+    again = lgp.load(tmp_path / "sic.pt")
+    np.testing.assert_allclose(again.predict(Xs)[["mean", "var"]], pred[["mean", "var"]], rtol=1e-12)
+
+
+def _dense_vi(K, y, loglik, steps=200):
+    """Independent reference: Gaussian VI with a dense Cholesky-parametrised q, 1-D Gauss-Hermite."""
+    n = len(y)
+    x, w = np.polynomial.hermite_e.hermegauss(40)
+    x, w = torch.as_tensor(x), torch.as_tensor(w / w.sum())
+    m = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    Lraw = torch.zeros(n, n, dtype=torch.float64)
+    Lraw.diagonal().fill_(-1.0)
+    Lraw.requires_grad_(True)
+    Kinv, logdetK = torch.linalg.inv(K), torch.logdet(K)
+    opt = torch.optim.LBFGS([m, Lraw], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                            tolerance_change=1e-14)
+
+    def neg_elbo():
+        L = torch.tril(Lraw, -1) + torch.diag(torch.exp(torch.diagonal(Lraw)))
+        S = L @ L.T
+        f = m[:, None] + torch.sqrt(torch.diagonal(S))[:, None] * x
+        ell = (loglik(y[:, None], f) * w).sum()
+        kl = 0.5 * (torch.trace(Kinv @ S) + m @ Kinv @ m - n + logdetK - 2 * torch.diagonal(Lraw).sum())
+        return kl - ell
+
+    def closure():
+        opt.zero_grad()
+        loss = neg_elbo()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return -neg_elbo().item()
+
+
+def test_bernoulli_full_pattern_matches_dense_vi(rng):
+    X = rng.uniform(size=(25, 2))
+    y = (np.sin(6 * X[:, 0]) + 0.3 * rng.normal(size=25) > 0).astype(float)
+    m = SICGP(kernel=_kernel(), rho=1e6, likelihood="bernoulli", max_neighbors=None, mean="zero")
+    m.fit(X, y, steps=150, method="lbfgs", learn_hyperparameters=False)
+    K = _kernel()(m._X).to_dense().detach()
+    ref = _dense_vi(K, m._y, lambda yy, f: yy * f - torch.nn.functional.softplus(f))
+    assert m.elbo() == pytest.approx(ref, abs=1e-4)
+    assert m.elbo() <= ref + 1e-8
+
+
+def test_bad_input(rng):
+    X, y = _data(rng, 20)
+    with pytest.raises(ValueError, match="rho"):
+        SICGP(rho=0.0)
+    with pytest.raises(ValueError, match="max_neighbors"):
+        SICGP(max_neighbors=0)
+    with pytest.raises(ValueError, match="likelihood"):
+        SICGP(likelihood="cauchy")
+    m = SICGP()
+    Xn = X.copy()
+    Xn[2, 0] = np.nan
+    with pytest.raises(ValueError, match="X"):
+        m.fit(Xn, y, steps=0)
+    Xd = X.copy()
+    Xd[5] = Xd[9]
+    with pytest.raises(ValueError, match="duplicated"):
+        m.fit(Xd, y, steps=0)
+    with pytest.raises(ValueError, match="y"):
+        SICGP(likelihood="bernoulli").fit(X, y, steps=0)
+    assert m._train is None  # nothing was stored by the failed calls
+    with pytest.raises(lgp.models.base.NotFittedError):
+        m.predict(X)
