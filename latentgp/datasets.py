@@ -24,3 +24,9 @@ def load_co2() -> pd.DataFrame:
     Columns: ``month`` (str YYYY-MM), ``year`` (decimal year), ``co2`` (ppmv), ``n_weeks``.
     """
     return pd.read_csv(_path("mauna_loa_co2_monthly.csv"))
+
+
+def load_elnino() -> pd.DataFrame:
+    """Monthly Niño 1+2 sea surface temperature, 1950-2010 (see data/README.md): a (year x month)
+    continuous-indexed tensor in long format. Columns: ``year``, ``month`` (1-12), ``sst`` (°C)."""
+    return pd.read_csv(_path("elnino_sst.csv"))

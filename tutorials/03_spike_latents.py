@@ -47,9 +47,11 @@ binned
 
 # %% [markdown]
 # ## Fit
-# `fit` alternates a damped CVI step on the Gaussian sites with an Adam step on the ELBO for the
-# loadings, biases and kernel hyperparameters; `history` records the negative ELBO per bin and the
-# hyperparameters.
+# `fit` alternates a damped CVI step on the Gaussian sites with an Adam step for the loadings,
+# biases and kernel hyperparameters on the variational-EM objective (q held fixed: where the sites
+# are optimal its gradient is the ELBO's, without back-propagating through the smoother);
+# `history` records the negative ELBO per bin and the hyperparameters. `method="svi"` fits the same
+# model by Pyro SVI instead, for comparison (slower, mean-field).
 
 # %%
 model = lgp.PoissonLatentGP(n_latents=2, bin_width=binned.bin_width)
