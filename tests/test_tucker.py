@@ -178,3 +178,21 @@ def test_bad_inputs():
         lgp.FunctionalTucker(2, kernels=[Matern(nu=1.5), Matern(nu=1.5)]).fit(coords, y)
     with pytest.raises(lgp.models.base.NotFittedError):
         lgp.FunctionalTucker(1).predict(coords)
+
+
+def test_svi_fits_the_same_model_at_training_coordinates(tmp_path):
+    df, test_coords, truth = _cp_rank1(n_grid=20, frac=0.5)
+    cep_fit = lgp.FunctionalTucker(1).fit(df, y="value", sweeps=30, progress=False, seed=0)
+    svi = lgp.FunctionalTucker(1).fit(df, y="value", method="svi", steps=400, lr=0.03, tol=None, progress=False,
+                                     seed=0)
+    assert svi.method_ == "svi" and len(svi.history) == 400
+    assert svi.history["loss"].iloc[-50:].mean() < svi.history["loss"].iloc[:50].mean()
+    svi_rmse = np.sqrt(np.mean((svi.predict(test_coords)["mean"] - truth) ** 2))
+    cep_rmse = np.sqrt(np.mean((cep_fit.predict(test_coords)["mean"] - truth) ** 2))
+    assert svi_rmse < 0.5 * truth.std() and cep_rmse <= svi_rmse
+    with pytest.raises(ValueError, match="seen in training"):
+        svi.predict(np.array([[0.01234, 0.5]]))
+    svi.save(tmp_path / "svi.pt")
+    pd.testing.assert_frame_equal(lgp.load(tmp_path / "svi.pt").predict(test_coords), svi.predict(test_coords))
+    with pytest.raises(ValueError, match="method"):
+        lgp.FunctionalTucker(1).fit(df, y="value", method="ep")

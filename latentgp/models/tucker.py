@@ -44,6 +44,15 @@ class _Mode:
         Returns (mean (U, R), cov (U, R, R), smoother result, coordinates, dt) on the merged, sorted grid
         and the positions of the training and extra coordinates in it."""
         grid, sites = self.grid, self.sites
+        if sites is None:  # an SVI fit: moments only at the training coordinates
+            if extra is None:
+                return self.mean, self.cov, None, None, None, None
+            extra = extra.contiguous()
+            pos = torch.searchsorted(self.grid, extra).clamp_max(len(self.grid) - 1)
+            if not bool((self.grid[pos] == extra).all()):
+                raise ValueError("A method='svi' fit predicts only at coordinate values seen in training; "
+                                 "refit with method='cep' to predict at new coordinates.")
+            return self.mean, self.cov, None, None, None, pos
         if extra is not None:
             grid, pos = torch.unique(torch.cat((self.grid, extra)), sorted=True, return_inverse=True)
             train_pos, extra_pos = pos[: len(self.grid)], pos[len(self.grid):]
@@ -137,16 +146,27 @@ class FunctionalTucker(Model):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y, modes=None, *, sweeps: int = 50, damping: float = 0.7, learn_hyperparameters: bool = True,
-            lr: float = 0.05, progress=None, tol: float | None = 1e-6, seed=None):
-        """Fit by conditional EP sweeps.
+            lr: float | None = None, method: str = "cep", steps: int = 2000, num_particles: int = 1, progress=None,
+            tol: float | None = 1e-6, seed=None):
+        """Fit by conditional EP sweeps (``method="cep"``) or by Pyro SVI (``method="svi"``).
 
         ``X``: DataFrame with one column per mode (``modes``, default all but ``y``) and the value
         column ``y``; or a coordinates array (N, K) with values ``y`` (N,). Only observed entries are
         given; coordinates are continuous and need not lie on a grid. Each sweep updates every mode
         (damped sites, ``damping`` = weight of the new messages), then the core and the noise; with
         ``learn_hyperparameters`` each mode's kernel takes one Adam step (``lr``) on the variational-EM
-        objective per sweep. ``history``: per sweep, training RMSE (``loss``), noise sd, lengthscales.
+        objective per sweep (``lr`` default 0.05). ``history``: per sweep, training RMSE (``loss``), noise
+        sd, lengthscales.
+
+        ``method="svi"`` fits the same model by Pyro SVI for comparison: whitened state-space factors
+        (:mod:`latentgp.variational.whitened`), W and τ as sample sites, an AutoNormal guide, ``steps``
+        Adam steps (``lr`` default 0.01), kernels learned on the ELBO; ``history`` holds the negative
+        ELBO per entry. Its posterior exists only at the training coordinates, so an SVI fit predicts
+        (and evaluates ``factors``) only at coordinate values seen in training.
         """
+        if method not in ("cep", "svi"):
+            raise ValueError(f"`method` must be 'cep' or 'svi'; got {method!r}.")
+        lr = check_positive((0.05 if method == "cep" else 0.01) if lr is None else lr, "lr")
         coords, values, names = self._split(X, y, modes)
         if not np.isfinite(coords).all() or not np.isfinite(values).all():
             raise ValueError("Coordinates and `y` must be finite (no NaN/inf); drop or impute missing entries.")
@@ -175,6 +195,10 @@ class FunctionalTucker(Model):
         else:
             self._core_mean = self._core_second = None
         self._tau = 1.0 / 0.1  # initial noise variance: 10% of the (standardised) signal
+        self.method_ = method
+        if method == "svi":
+            return self._fit_svi(check_int(steps, "steps", 1), lr, check_int(num_particles, "num_particles", 1),
+                                 learn_hyperparameters, progress, tol, seed)
         opts = [torch.optim.Adam(m.kernel.parameters(), lr=lr) for m in self._modes]
 
         def sweep():
@@ -190,6 +214,60 @@ class FunctionalTucker(Model):
         with torch_threads(1):  # many small ops: one thread is faster on a busy machine (see cvHM)
             self.history = train(sweep, steps=sweeps, progress=progress, tol=tol, record=self._record,
                                  desc="FunBaT")
+        return self
+
+    def _fit_svi(self, steps, lr, num_particles, learn_kernels, progress, tol, seed):
+        import pyro
+        import pyro.distributions as dist
+        from pyro.infer.autoguide import AutoNormal
+
+        from ..fit import run_svi
+        from ..variational.whitened import whitened_latents, whitened_moments
+
+        ranks = [m.rank for m in self._modes]
+        learned = torch.nn.ModuleList([m.kernel for m in self._modes]) if learn_kernels else None
+        dts = [torch.diff(m.grid, prepend=m.grid[:1]) for m in self._modes]
+        a0, b0 = self.noise_prior
+        y = self._train
+
+        def forms():
+            return [joint_state_space(state_space_form(m.kernel), dt) for m, dt in zip(self._modes, dts, strict=True)]
+
+        def model():
+            if learned is not None:
+                pyro.module("funbat_kernels", learned)
+            means, seconds = [], []
+            for k, (m, (A, Q, P0, H)) in enumerate(zip(self._modes, forms(), strict=True)):
+                eps = pyro.sample(f"eps_{k}", dist.Normal(torch.zeros(len(m.values), P0.shape[-1], dtype=self.dtype),
+                                                          1.0).to_event(2))
+                u = whitened_latents(A, Q, P0, H, eps)[m.index]  # (N, R_k): point values, no variance
+                means.append(u)
+                seconds.append(u.unsqueeze(-1) * u.unsqueeze(-2))
+            core = core2 = None
+            if self.kind == "tucker":
+                core = pyro.sample("core", dist.Normal(torch.zeros(ranks, dtype=self.dtype), 1.0).to_event(len(ranks)))
+                core2 = self._outer(core)
+            tau = pyro.sample("tau", dist.Gamma(torch.tensor(a0, dtype=self.dtype), torch.tensor(b0, dtype=self.dtype)))
+            f = cep.entry_moments(self.kind, means, seconds, core, core2)[0]
+            pyro.sample("y", dist.Normal(f, tau.rsqrt()).to_event(1), obs=y)
+
+        with seeded(seed), torch_threads(1), pyro.get_param_store().scope():
+            guide = AutoNormal(model, init_scale=0.05)
+            history = run_svi(model, guide, steps=steps, lr=lr, num_particles=num_particles, progress=progress,
+                              tol=tol, record=self._record, desc="FunBaT SVI")
+            with torch.no_grad():
+                for k, (m, (A, Q, P0, H)) in enumerate(zip(self._modes, forms(), strict=True)):
+                    loc, scale = getattr(guide.locs, f"eps_{k}"), getattr(guide.scales, f"eps_{k}")
+                    mean, cov = whitened_moments(A, Q, P0, H, loc.unsqueeze(0), scale.unsqueeze(0))
+                    m.mean, m.cov, m.sites = mean[0], cov[0], None
+                if self.kind == "tucker":
+                    loc, scale = guide.locs.core, guide.scales.core
+                    self._core_mean = loc.detach().clone()
+                    self._core_second = self._outer(self._core_mean) + torch.diag_embed(
+                        (scale ** 2).reshape(-1)).reshape(*ranks, *ranks)
+                self._tau = float(guide.median()["tau"])
+        history["loss"] = history["loss"] / len(y)
+        self.history = history
         return self
 
     @staticmethod
@@ -353,8 +431,10 @@ class FunctionalTucker(Model):
                 "kernel": None,
                 "state": {"kernel_specs": [kernel_spec(m.kernel) for m in self._modes],
                           "kernel_states": [m.kernel.state_dict() for m in self._modes],
-                          "precision": [m.sites.precision for m in self._modes],
-                          "shift": [m.sites.shift for m in self._modes],
+                          # CEP: the sites (the posterior is recomputed on load); SVI: the moments themselves
+                          "precision": [m.mean if m.sites is None else m.sites.precision for m in self._modes],
+                          "shift": [m.cov if m.sites is None else m.sites.shift for m in self._modes],
+                          "method": getattr(self, "method_", "cep"),
                           "core_mean": self._core_mean, "core_second": self._core_second},
                 "data": {"coords": torch.as_tensor(self._coords), "values": torch.as_tensor(self._values)}}
 
@@ -372,9 +452,13 @@ class FunctionalTucker(Model):
             kern = kernel_from_spec(spec).to(model.dtype)
             kern.load_state_dict(state)
             mode = _Mode(model._coords[:, k], kern, model.dtype)
-            mode.sites = Sites(st["precision"][k], st["shift"][k])
-            with torch.no_grad():
-                mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
+            if st.get("method", "cep") == "svi":
+                mode.mean, mode.cov, mode.sites = st["precision"][k], st["shift"][k], None
+            else:
+                mode.sites = Sites(st["precision"][k], st["shift"][k])
+                with torch.no_grad():
+                    mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
             model._modes.append(mode)
         model._core_mean, model._core_second = st["core_mean"], st["core_second"]
+        model.method_ = st.get("method", "cep")
         return model
