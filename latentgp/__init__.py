@@ -6,6 +6,8 @@ from . import kernels, linalg
 from .io import load
 from .models.exact import GPRegressor
 from .models.gpfa import GPFA
+from .models.grid import GridGP
+from .models.pde import GPPDESolver
 from .models.poisson_latent import PoissonLatentGP
 from .models.sic import SICGP
 from .models.state_space import StateSpaceGP
@@ -13,5 +15,6 @@ from .models.tucker import FunctionalTucker
 from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
 __all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
-           "VectorFieldGP", "ScalarFieldGP", "SICGP"]
+           "VectorFieldGP", "ScalarFieldGP", "SICGP", "GridGP",
+           "GPPDESolver"]
 __version__ = "0.1.0"

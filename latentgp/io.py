@@ -14,7 +14,7 @@ FORMAT = 1
 _KERNELS: dict[str, type] = {}
 _MODELS: dict[str, type] = {}
 # Constructor arguments read back from kernel attributes (besides ard_num_dims / batch_shape).
-_EXTRA_ARGS = ("nu", "order", "num_mixtures", "num_dimensions")
+_EXTRA_ARGS = ("nu", "order", "num_mixtures", "num_dimensions", "min_scale")
 
 
 def register_kernel(cls: type) -> type:

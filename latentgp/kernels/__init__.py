@@ -8,6 +8,7 @@
 kernels and their sums / scalings.
 """
 from .connection_laplacian import ConnectionLaplacianKernel
+from .grid_spectral import GaussianSpectralMixture, StudentTSpectralMixture
 from .hida_matern import HidaMatern
 from .matern import Matern
 from .spectral import spectral_density
@@ -15,4 +16,5 @@ from .spectral_mixture import SpectralMixture
 from .state_space import StateSpaceForm, matern_state_space, state_space_form
 
 __all__ = ["Matern", "HidaMatern", "SpectralMixture", "spectral_density", "state_space_form", "StateSpaceForm",
-           "matern_state_space", "ConnectionLaplacianKernel"]
+           "matern_state_space", "ConnectionLaplacianKernel",
+           "GaussianSpectralMixture", "StudentTSpectralMixture"]

@@ -20,6 +20,7 @@ from ..fit import optimize, run_svi, seeded, show_progress
 from ..io import register_model
 from ..linalg.cholesky import safe_cholesky
 from ..objectives import gaussian_log_marginal
+from ..objectives_weighted import check_data_weight, data_emphasized_log_marginal
 from .base import Model, prediction_frame
 from .hyper import build_sites, current_values, raw_overrides, set_values
 
@@ -78,6 +79,8 @@ class GPRegressor(Model):
     ``jitter_`` (0.0 if none) and announced with a ``JitterWarning``.
     """
 
+    supports_data_weight = True  # the data-emphasized objective (fit(data_weight=...)) on the dense Cholesky
+
     default_nu = 2.5  # smoothness of the default Matérn kernel
 
     def __init__(self, kernel=None, mean: str = "constant", noise: float | None = None, priors=None,
@@ -118,7 +121,7 @@ class GPRegressor(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, x=None, steps: int = 100, method: str = "lbfgs", lr: float | None = None,
             progress: bool | None = None, tol: float = 1e-9, seed: int | None = None,
-            num_samples: int = 300, warmup: int = 300, max_tree_depth: int = 6):
+            num_samples: int = 300, warmup: int = 300, max_tree_depth: int = 6, data_weight: float = 1.0):
         """Fit to inputs ``X`` and targets ``y``.
 
         ``X`` may be a DataFrame and ``y`` one of its column names (inputs: ``x`` or the other columns).
@@ -126,6 +129,7 @@ class GPRegressor(Model):
         MAP/type-II maximum likelihood fit; ``"svi"`` (Pyro, AutoNormal guide); ``"nuts"`` (``steps``
         of L-BFGS to initialise, then ``num_samples`` NUTS draws after ``warmup``; ``max_tree_depth`` caps
         the leapfrog steps per draw at 2**max_tree_depth, which bounds the cost of a poorly adapted warm-up).
+        ``data_weight`` κ (lbfgs/adam): maximise the data-emphasized objective (κ = 1: the marginal likelihood).
         """
         X, y, x = split_frame(X, y, x)
         if y is None:
@@ -133,8 +137,17 @@ class GPRegressor(Model):
         inputs = as_inputs(X, "X", columns=x, dtype=self.dtype)
         target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
         steps = check_int(steps, "steps")
+        kappa = check_data_weight(data_weight)
         if method not in _METHODS:
             raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
+        if kappa != 1.0 and not self.supports_data_weight:
+            raise ValueError(f"`data_weight` is not available for {type(self).__name__}; use GPRegressor.")
+        if kappa != 1.0 and method not in ("lbfgs", "adam"):
+            raise ValueError("`data_weight` applies to method='lbfgs' or 'adam' (point hyperparameters).")
+        if kappa > 1.0 and steps > 0 and self.config["noise"] is None:
+            # (1 - κ)(n/2) log s -> +inf as s -> 0: with a learned noise the objective has no maximum.
+            raise ValueError("`data_weight` > 1 with a learned noise makes the objective unbounded (noise -> 0); "
+                             "fix the noise (GPRegressor(noise=...)) to use the data-emphasized objective.")
         if inputs.values.shape[0] < 2:
             raise ValueError("`X` needs at least 2 rows to fit a GP.")
         if self._train is not None and inputs.values.shape[1] != self._train[0].values.shape[1]:
@@ -154,7 +167,7 @@ class GPRegressor(Model):
         self.samples_ = None
         with seeded(seed):
             if method in ("lbfgs", "adam", "nuts") and steps > 0:
-                self.history = optimize(lambda: -self._lml(X_t, y_t, warn=False) / len(y_t),
+                self.history = optimize(lambda: -self._lml(X_t, y_t, warn=False, kappa=kappa) / len(y_t),
                                         self.prior.parameters(), method="lbfgs" if method == "nuts" else method,
                                         steps=steps, lr=lr, progress=progress, tol=tol, record=self._record,
                                         desc="GPRegressor")
@@ -199,11 +212,15 @@ class GPRegressor(Model):
         values = current_values(self.prior, self._sites) if values is None else values
         return {k: (v.item() if v.numel() == 1 else v.detach().flatten().tolist()) for k, v in values.items()}
 
-    def _lml(self, X, y, *, warn=True, raw=None):
-        """Log marginal likelihood (differentiable); caches the factorisation in ``self._last``."""
+    def _lml(self, X, y, *, warn=True, raw=None, kappa=1.0):
+        """Log marginal likelihood (differentiable; κ != 1: the data-emphasized objective); caches the
+        factorisation in ``self._last``."""
         mean, K, noise = self.prior(X) if raw is None else functional_call(self.prior, raw, (X,))
-        K = _add_to_diagonal(K, noise)
-        value, L, alpha, jitter = gaussian_log_marginal(K, y - mean, warn=warn)
+        if kappa != 1.0:
+            value, L, alpha, jitter = data_emphasized_log_marginal(K, y - mean, noise, kappa, warn=warn)
+        else:
+            K = _add_to_diagonal(K, noise)
+            value, L, alpha, jitter = gaussian_log_marginal(K, y - mean, warn=warn)
         self._last = (L, alpha, jitter, mean)
         return value
 

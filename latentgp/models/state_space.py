@@ -48,6 +48,7 @@ class StateSpaceGP(GPRegressor):
     """
 
     default_nu = 1.5
+    supports_data_weight = False
 
     def __init__(self, kernel=None, noise: float | None = None, mean: str = "zero", priors=None, **kwargs):
         super().__init__(kernel=kernel, mean=mean, noise=noise, priors=priors, **kwargs)
@@ -75,7 +76,7 @@ class StateSpaceGP(GPRegressor):
         order = torch.argsort(t, stable=True)
         return t[order], order
 
-    def _lml(self, X, y, *, warn=True, raw=None):
+    def _lml(self, X, y, *, warn=True, raw=None, kappa=1.0):
         t, order = self._sorted(X)
         mean, A, Q, H, R, P0 = self.prior(t) if raw is None else functional_call(self.prior, raw, (t,))
         resid = (y[order] - mean).unsqueeze(-1)
