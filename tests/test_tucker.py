@@ -136,6 +136,7 @@ def test_cp_rank1_recovers_the_surface_and_predicts_unseen_coordinates(tmp_path)
     assert np.all(new["var"] > 0) and np.all(np.isfinite(new["mean"]))
     f = model.factors("lat", np.linspace(0, 1, 7))
     assert list(f.columns) == ["lat", "factor", "mean", "var", "lower", "upper"] and len(f) == 7
+    assert len(model.factors("lon")) == df["lon"].nunique()  # default grid: the training coordinates
     assert len(model.history) >= 2 and "noise_sd" in model.history
     model.save(tmp_path / "funbat.pt")
     back = lgp.load(tmp_path / "funbat.pt")

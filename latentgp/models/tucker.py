@@ -398,14 +398,17 @@ class FunctionalTucker(Model):
         mean = self._center + self._scale * Ef
         return prediction_frame(torch.as_tensor(coords), self.modes, mean, self._scale ** 2 * var, level)
 
-    def factors(self, mode, grid, level: float = 0.95) -> pd.DataFrame:
-        """Posterior of mode ``mode``'s latent functions on ``grid``: DataFrame with the coordinate,
+    def factors(self, mode, grid=None, level: float = 0.95) -> pd.DataFrame:
+        """Posterior of mode ``mode``'s latent functions on ``grid`` (default: the mode's unique training
+        coordinates): DataFrame with the coordinate,
         ``factor`` (0 .. R-1), mean, var, lower, upper. (Factors are identified only up to the usual
         scale/sign/rotation of a tensor decomposition.)"""
         self._require_fitted("factors()")
         k = self.modes.index(mode) if mode in self.modes else mode
         if not isinstance(k, int) or not 0 <= k < len(self._modes):
             raise ValueError(f"`mode` must be one of {self.modes} or an index; got {mode!r}.")
+        if grid is None:
+            grid = self._modes[k].values
         grid = torch.as_tensor(_as_float_array(grid, "grid").reshape(-1), dtype=self.dtype)
         with torch.no_grad():
             mean, cov, _, _, _, pos = self._modes[k].posterior(extra=grid)
