@@ -25,6 +25,14 @@ class Likelihood:
     def check(self, y: np.ndarray, name: str = "counts") -> None:
         """Raise ValueError naming ``name`` if ``y`` is outside the support."""
 
+    def log_prob(self, y, eta):
+        """log p(y | η) elementwise (the expectation at zero variance)."""
+        return self.expected(y, eta, torch.zeros_like(eta))[0]
+
+    def sample(self, eta):
+        """Draws y ~ p(y | η), shaped like ``eta``."""
+        raise NotImplementedError
+
 
 class Poisson(Likelihood):
     """y ~ Poisson(exp(η) · bin_width): closed forms via E[exp(η)] = exp(mu + var/2)."""
@@ -38,6 +46,9 @@ class Poisson(Likelihood):
         rate = self.bin_width * torch.exp(mu + 0.5 * var)
         loglik = y * (mu + math.log(self.bin_width)) - rate - torch.lgamma(y + 1)
         return loglik, y - rate, -rate
+
+    def sample(self, eta):
+        return torch.poisson(self.bin_width * torch.exp(eta))
 
     def check(self, y, name="counts"):
         if (y < 0).any() or (np.floor(y) != y).any():
@@ -58,6 +69,9 @@ class Bernoulli(Likelihood):
         s = torch.sigmoid(eta)
         return (logp * w).sum(-1), ((yy - s) * w).sum(-1), (-(s * (1 - s)) * w).sum(-1)
 
+    def sample(self, eta):
+        return torch.bernoulli(torch.sigmoid(eta))
+
     def check(self, y, name="counts"):
         if not np.isin(y, (0, 1)).all():
             raise ValueError(f"`{name}` must contain only 0 and 1 for a Bernoulli likelihood.")
@@ -75,6 +89,9 @@ class Gaussian(Likelihood):
         r = y - mu
         loglik = -0.5 * (r * r + var) / self.noise - 0.5 * math.log(2 * math.pi * self.noise)
         return loglik, r / self.noise, torch.full_like(mu, -1.0 / self.noise)
+
+    def sample(self, eta):
+        return eta + math.sqrt(self.noise) * torch.randn_like(eta)
 
 
 def get_likelihood(likelihood, bin_width: float) -> Likelihood:

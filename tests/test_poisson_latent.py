@@ -263,10 +263,32 @@ def test_svi_fits_the_same_model_and_cvi_reaches_a_higher_elbo(small_vdp, small_
     # The best Gaussian q of this model is prior x Gaussian sites on f (CVI's family), which includes the
     # whitened mean-field q: at convergence CVI's ELBO must be the higher one.
     assert small_fit.elbo() > svi.elbo()
+    draws = svi.sample_latents(300, seed=0)  # the guide's draws have the reported moments
+    z = (draws.mean(0) - svi.latents()) / np.sqrt(svi.latent_variance() / 300)
+    assert np.abs(z).max() < 5.5 and abs(z.mean()) < 0.2
+    assert abs((draws.var(0) / svi.latent_variance()).mean() - 1) < 0.03
     svi.save(tmp_path / "svi.pt")
     back = lgp.load(tmp_path / "svi.pt")
     np.testing.assert_array_equal(back.latents(), svi.latents())
+    np.testing.assert_array_equal(back.sample_latents(3, seed=1), svi.sample_latents(3, seed=1))
     with pytest.raises(ValueError, match="method"):
         svi.fit(small_vdp["counts"], method="nuts")
     with pytest.raises(ValueError, match="whittle"):
         svi.fit(small_vdp["counts"], method="svi", hyperparameters="whittle")
+
+
+def test_to_inference_data(small_fit, small_vdp):
+    import arviz as az
+
+    idata = small_fit.to_inference_data(num_samples=20, seed=0)
+    N, T, D = small_vdp["counts"].shape
+    assert idata.posterior["latents"].shape == (1, 20, N, T, 2)
+    assert idata.posterior_predictive["counts"].shape == (1, 20, N, T, D)
+    np.testing.assert_array_equal(idata.observed_data["counts"].values, small_vdp["counts"])
+    # pointwise log-likelihood is the Poisson log-pmf at the drawn rates
+    eta = idata.posterior["latents"].values[0, 0] @ small_fit.C.detach().numpy() + small_fit.d.detach().numpy()
+    ref = scipy.stats.poisson(np.exp(eta) * small_vdp["bin_width"]).logpmf(small_vdp["counts"])
+    np.testing.assert_allclose(idata.log_likelihood["counts"].values[0, 0], ref, rtol=1e-10, atol=1e-10)
+    # the replicated counts have the data's total rate (within 3 %)
+    assert abs(idata.posterior_predictive["counts"].values.mean() / small_vdp["counts"].mean() - 1) < 0.03
+    assert np.isfinite(az.waic(idata, var_name="counts").elpd_waic)

@@ -217,7 +217,8 @@ class PoissonLatentGP(Model):
             with torch.no_grad():
                 loc, scale = guide.locs.eps, guide.scales.eps
                 A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
-                self._m, self._V = whitened_moments(A, Q, P0, H, loc.detach(), scale.detach())
+                self._svi_q = (loc.detach().clone(), scale.detach().clone())
+                self._m, self._V = whitened_moments(A, Q, P0, H, *self._svi_q)
                 elbo = -pyro.infer.Trace_ELBO(num_particles=32, vectorize_particles=False).loss(model, guide)
         history["loss"] = history["loss"] / (N * T)  # per bin, as for CVI
         self.history = history
@@ -292,6 +293,48 @@ class PoissonLatentGP(Model):
             var = torch.einsum("ld,...lk,kd->...d", self.C, self._V, self.C)
             return torch.exp(mu + 0.5 * var).numpy()
 
+    def sample_latents(self, num_samples: int = 100, seed=None) -> np.ndarray:
+        """Joint posterior draws of the latent paths, (num_samples, trials, bins, n_latents): Matheron's
+        rule on the Kalman smoother for a CVI fit, the whitened guide for an SVI fit."""
+        from ..variational.cvi import sample_posterior_latents
+        from ..variational.whitened import whitened_latents
+
+        self._require_fitted("sample_latents()")
+        num_samples = check_int(num_samples, "num_samples", 1)
+        with seeded(seed), torch.no_grad():
+            A, Q, P0, H = joint_state_space(state_space_form(self.kernel), self._dt)
+            if self.sites is not None:
+                return sample_posterior_latents(A, Q, P0, H, self.sites, num_samples).numpy()
+            loc, scale = self._svi_q
+            eps = loc + scale * torch.randn(num_samples, *loc.shape, dtype=loc.dtype)
+            return whitened_latents(A, Q, P0, H, eps).numpy()
+
+    def to_inference_data(self, num_samples: int = 50, seed=None):
+        """ArviZ InferenceData: posterior ``latents`` (joint draws, :meth:`sample_latents`) with the fitted
+        loadings ``C`` and biases ``d`` repeated, posterior_predictive and pointwise log_likelihood of
+        ``counts`` under the model's likelihood, observed_data ``counts``. Dims: trial, bin, latent, neuron.
+        (C, d and the kernel are point estimates; the draws are of the latents given them. Memory is
+        num_samples x trials x bins x neurons x 8 bytes per group.)"""
+        from ..convert import to_inference_data
+
+        f = torch.as_tensor(self.sample_latents(num_samples, seed))
+        with seeded(None if seed is None else seed + 1), torch.no_grad():
+            eta = f @ self.C + self.d
+            y_rep = self.likelihood.sample(eta)
+            loglik = self.likelihood.log_prob(self._train, eta)
+        S = f.shape[0]
+        dims = {"latents": ["trial", "bin", "latent"], "C": ["latent", "neuron"], "d": ["neuron"],
+                "counts": ["trial", "bin", "neuron"]}
+        return to_inference_data(
+            posterior={"latents": f.numpy()[None], "C": self.C.detach().expand(S, -1, -1).numpy()[None],
+                       "d": self.d.detach().expand(S, -1).numpy()[None]},
+            posterior_predictive={"counts": y_rep.numpy()[None]},
+            log_likelihood={"counts": loglik.numpy()[None]},
+            observed_data={"counts": self._train.numpy()},
+            dims=dims,
+            coords={"bin": self.bin_centers},
+        )
+
     @property
     def bin_centers(self) -> np.ndarray:
         self._require_fitted("bin_centers")
@@ -309,7 +352,8 @@ class PoissonLatentGP(Model):
         if self.sites is not None:
             state.update(precision=self.sites.precision, shift=self.sites.shift)
         else:  # SVI: the guide's moments of the latents
-            state.update(mean=self._m, cov=self._V, elbo=torch.tensor(self._elbo))
+            state.update(mean=self._m, cov=self._V, elbo=torch.tensor(self._elbo), svi_loc=self._svi_q[0],
+                         svi_scale=self._svi_q[1])
         return {"config": {"n_latents": self.n_latents, "bin_width": self.bin_width,
                            "likelihood": self.likelihood.name, "default_kernel": self._default_kernel,
                            "method": getattr(self, "method_", "cvi")},
@@ -334,4 +378,5 @@ class PoissonLatentGP(Model):
         else:
             model.sites = None
             model._m, model._V, model._elbo = st["mean"], st["cov"], float(st["elbo"])
+            model._svi_q = (st["svi_loc"], st["svi_scale"])
         return model
