@@ -145,7 +145,7 @@ def _nyquist_weights(freqs: Tensor, dt: float) -> Tensor:
 
 def whittle_log_likelihood(kernel, x: Tensor | None, dt: float, noise=None, n_alias: int = DEFAULT_N_ALIAS,
                            expected_periodogram: tuple[Tensor, Tensor] | None = None,
-                           reduction: str = "sum") -> Tensor:
+                           reduction: str = "sum", profile_scale: bool = False) -> Tensor:
     """Whittle log-likelihood (see the module docstring for the exact formula and constants).
 
     :param x: series (..., T) on a grid of spacing ``dt``; ignored when ``expected_periodogram`` is given.
@@ -155,6 +155,10 @@ def whittle_log_likelihood(kernel, x: Tensor | None, dt: float, noise=None, n_al
         (or :func:`periodogram`), used instead of x -- e.g. E_q[I] under a variational posterior.
     :param reduction: "sum" (over all series, the kernel batch and frequencies) or "none" (per series,
         shape broadcast(x batch, kernel batch)).
+    :param profile_scale: replace S by σ² S with σ² maximising the likelihood per series (closed form
+        σ² = Σ c I/S / Σ c), so only the spectrum's *shape* is fitted -- for latents whose scale is
+        not identified (absorbed by loadings), where a fixed-variance fit would bend the lengthscale
+        to match the power.
     """
     if expected_periodogram is not None:
         freqs, I = expected_periodogram
@@ -166,6 +170,9 @@ def whittle_log_likelihood(kernel, x: Tensor | None, dt: float, noise=None, n_al
     if noise is not None:
         S = S + torch.as_tensor(noise, dtype=S.dtype, device=S.device) * dt
     c = _nyquist_weights(freqs, dt)
+    if profile_scale:
+        c_full = c.expand_as(I / S)
+        S = S * ((c_full * I / S).sum(-1, keepdim=True) / c_full.sum(-1, keepdim=True)).detach()
     terms = -c * (torch.log(S) + I / S + math.log(2 * math.pi / dt))
     if reduction == "none":
         return terms.sum(-1)

@@ -273,3 +273,29 @@ def test_batched_kernel_and_gradients_to_data():
     for i in range(2):
         ki = scaled(Matern(1.5), k.outputscale[i].item(), lengthscale=k.base_kernel.lengthscale[i].item())
         assert torch.allclose(per[i], whittle_log_likelihood(ki, x[i].detach(), dt, noise=0.1))
+
+
+def test_profiled_scale_fits_the_shape_of_a_rescaled_series():
+    """With the variance profiled out, a unit-variance kernel fitted to a series of variance 9 recovers
+    the lengthscale; the fixed-variance fit bends the lengthscale to match the power instead; and
+    the profiled likelihood equals the full one at the optimal σ² (closed form)."""
+    from latentgp.fit import optimize
+
+    dt, ls = 1.0, 10.0
+    x = 3.0 * simulate(scaled(Matern(0.5), 1.0, lengthscale=ls), 4, 5000, dt, seed=6)
+    fitted = {}
+    for profile in (True, False):
+        k = Matern(0.5).to(DT)
+        k.lengthscale = torch.tensor(3.0, dtype=DT)
+        optimize(lambda k=k, p=profile: -whittle_log_likelihood(k, x, dt, profile_scale=p) / x.numel(),
+                 k.parameters(), method="lbfgs", steps=60, progress=False, tol=1e-12)
+        fitted[profile] = float(k.lengthscale.detach())
+    assert abs(fitted[True] / ls - 1) < 0.1
+    assert abs(fitted[False] / ls - 1) > 0.3
+    k = Matern(0.5).to(DT)
+    k.lengthscale = torch.tensor(ls, dtype=DT)
+    with torch.no_grad():
+        profiled = whittle_log_likelihood(k, x[:1], dt, profile_scale=True)
+        best = max(float(whittle_log_likelihood(scaled(Matern(0.5), s, lengthscale=ls), x[:1], dt))
+                   for s in np.linspace(6.0, 12.0, 601))
+    assert float(profiled) == pytest.approx(best, abs=1e-3)

@@ -242,8 +242,9 @@ class PoissonLatentGP(Model):
             freqs, I = periodogram(f.transpose(-1, -2), self.bin_width)  # (S, N, L, J)
             expected = (freqs, I.mean(0))
         n_terms = expected[1].numel()
-        optimize(lambda: -whittle_log_likelihood(self.kernel, None, self.bin_width,
-                                                 expected_periodogram=expected) / n_terms,
+        # The latents' scale trades off against the loadings, so fit the spectrum's shape only.
+        optimize(lambda: -whittle_log_likelihood(self.kernel, None, self.bin_width, expected_periodogram=expected,
+                                                 profile_scale=True) / n_terms,
                  self.kernel.parameters(), method="lbfgs", steps=iterations, progress=False)
 
     @staticmethod
