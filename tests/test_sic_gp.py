@@ -165,3 +165,24 @@ def test_bad_input(rng):
     assert m._train is None  # nothing was stored by the failed calls
     with pytest.raises(lgp.models.base.NotFittedError):
         m.predict(X)
+
+
+def test_data_weight_scales_the_expected_log_likelihood(rng):
+    X, y = _data(rng, 60)
+    with pytest.raises(ValueError, match="unbounded"):
+        SICGP(kernel=_kernel(), rho=2.0, max_neighbors=6).fit(X, y, steps=5, data_weight=3.0)
+    m = SICGP(kernel=_kernel(), rho=2.0, noise=0.05, max_neighbors=6).fit(X, y, steps=0, batch_size=16,
+                                                                          data_weight=3.0)
+    n = len(m._order)
+    everything = np.arange(n)
+    with torch.no_grad():
+        e, k, _ = elbo_terms(m.q, m._pattern, everything, m._prior_columns(everything), m._prior_mean(), m._y,
+                             m.likelihood)
+        assert -m._block_loss(everything, False).item() * n == pytest.approx((3.0 * e - k).sum().item(), rel=1e-12)
+    # with κ > 1 and the noise fixed, the fitted lengthscale is shorter (the data weigh more than the prior)
+    fits = {}
+    for kappa in (1.0, 20.0):
+        fit = SICGP(rho=3.0, noise=0.01, max_neighbors=10).fit(X, y, method="lbfgs", steps=60, data_weight=kappa,
+                                                                  progress=False)
+        fits[kappa] = float(fit.kernel.base_kernel.lengthscale.detach())
+    assert fits[20.0] < fits[1.0]

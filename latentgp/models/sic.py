@@ -105,12 +105,15 @@ class SICGP(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, x=None, steps: int = 500, batch_size: int = 256, lr: float = 0.02,
             method: str = "adam", learn_hyperparameters: bool = True, progress: bool | None = None,
-            tol: float | None = None, seed: int | None = None):
+            tol: float | None = None, seed: int | None = None, data_weight: float = 1.0):
         """Fit to inputs ``X`` and targets ``y`` (or ``fit(df, "column")``).
 
         ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (SparseAdam for the
         variational rows, Adam for the hyperparameters). ``method="lbfgs"``: full-batch L-BFGS (small n).
         ``learn_hyperparameters=False`` keeps the kernel, mean and likelihood fixed.
+        ``data_weight`` κ: maximise the data-emphasized ELBO κ·E_q[log p(y | f)] − KL (κ = 1: the ELBO;
+        :mod:`latentgp.objectives_weighted`). q is full-rank over the training points, so with κ > 1 a
+        learned Gaussian noise has no optimum (noise -> 0): fix it with ``SICGP(noise=...)``.
         """
         X, y, x = split_frame(X, y, x)
         if y is None:
@@ -120,6 +123,13 @@ class SICGP(Model):
         target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
         self.likelihood.check(target.numpy())
         steps = check_int(steps, "steps")
+        from ..objectives_weighted import check_data_weight
+
+        kappa = check_data_weight(data_weight)
+        if kappa > 1.0 and learn_hyperparameters and steps > 0 and self.likelihood.name == "gaussian" \
+                and self.config["noise"] is None:
+            raise ValueError("`data_weight` > 1 with a learned Gaussian noise makes the objective unbounded "
+                             "(noise -> 0); fix the noise (SICGP(noise=...)).")
         batch_size = check_int(batch_size, "batch_size", 1)
         check_positive(lr, "lr")
         if method not in ("adam", "lbfgs"):
@@ -136,6 +146,7 @@ class SICGP(Model):
         self._train = (inputs, target, str(target_name))
         if first:
             self._init_from_data(inputs.values, target)
+        self._kappa = kappa
         with seeded(seed):
             self._build(inputs.values, target, batch_size)
             self.history = self._optimise(steps, lr, method, learn_hyperparameters, progress, tol)
@@ -182,7 +193,7 @@ class SICGP(Model):
                                 self.likelihood, sparse)
         n = len(self._order)
         weight = n / len(batch) if len(batch) == n else len(self._blocks_idx)
-        return -weight * (ell - kl).sum() / n
+        return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / n
 
     def _record(self):
         out = {}
