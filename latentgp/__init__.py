@@ -7,6 +7,9 @@ from .io import load
 from .models.exact import GPRegressor
 from .models.gpfa import GPFA
 from .models.grid import GridGP
+from .models.magma import Magma
+from .models.magmaclust import MagmaClust
+from .models.multitask import HMTGP, MultitaskGP
 from .models.pde import GPPDESolver
 from .models.poisson_latent import PoissonLatentGP
 from .models.sic import SICGP
@@ -16,5 +19,5 @@ from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
 __all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
            "VectorFieldGP", "ScalarFieldGP", "SICGP", "GridGP",
-           "GPPDESolver"]
+           "GPPDESolver", "Magma", "MagmaClust", "MultitaskGP", "HMTGP"]
 __version__ = "0.1.0"

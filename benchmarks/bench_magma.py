@@ -1,0 +1,104 @@
+"""Magma / MagmaClust on the authors' simulation protocol (as we read it; see latentgp.simulate_magma).
+
+Per data set: 50 training tasks x 30 points, 3 clusters, plus 20 new tasks from the same clusters,
+each observed on its first 20 inputs and predicted on its last 10 (forecasting). Reported per method:
+prediction MSE per new task (mean and median over all new tasks of all data sets), 95% interval
+coverage of the held-out observations (``include_noise=True``), fit time; ARI of MagmaClust's
+training clusters. Baseline: a plain GPRegressor fitted to each new task's 20 points alone.
+
+Run: ``python benchmarks/bench_magma.py [--quick]`` (quick: 3 data sets, else 30).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_rows, describe, machine, markdown_table  # noqa: E402
+
+from latentgp.models.exact import GPRegressor  # noqa: E402
+from latentgp.models.magma import Magma  # noqa: E402
+from latentgp.models.magmaclust import MagmaClust  # noqa: E402
+from latentgp.simulate_magma import simulate_magma, split_observed  # noqa: E402
+
+
+def _scores(pred: pd.DataFrame, target: pd.DataFrame):
+    """Per-task MSE and coverage; rows of pred and target are aligned by (ID, Input)."""
+    merged = target.merge(pred, on=["ID", "Input"], validate="one_to_one")
+    err = (merged["mean"] - merged["Output"]) ** 2
+    inside = (merged["Output"] >= merged["lower"]) & (merged["Output"] <= merged["upper"])
+    return merged.assign(err=err, inside=inside).groupby("ID")[["err", "inside"]].mean()
+
+
+def _gp_baseline(observed, target):
+    frames = []
+    for tid, obs in observed.groupby("ID"):
+        gp = GPRegressor().fit(obs[["Input"]], obs["Output"], steps=50, progress=False)
+        p = gp.predict(target[target["ID"] == tid][["Input"]], include_noise=True)
+        frames.append(p.assign(ID=tid))
+    return pd.concat(frames, ignore_index=True)
+
+
+def one_dataset(seed: int, n_new: int = 20, steps: int = 20):
+    sim = simulate_magma(50, 30, 3, n_new=n_new, seed=seed)
+    observed, target = split_observed(sim.new, 20)
+    rows = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    clust = MagmaClust(3).fit(sim.train, steps=steps, progress=False, seed=seed)
+    t_clust, cpu_clust = time.perf_counter() - t0, time.process_time() - c0
+    cl = clust.clusters()
+    ari = adjusted_rand_score(sim.clusters[cl.index], cl["cluster"])
+    t0 = time.perf_counter()
+    magma = Magma().fit(sim.train, steps=steps, progress=False)
+    t_magma = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gp_pred = _gp_baseline(observed, target)
+    t_gp = time.perf_counter() - t0
+    for name, pred, secs in [("MagmaClust", clust.predict(observed, target, include_noise=True), t_clust),
+                             ("Magma", magma.predict(observed, target, include_noise=True), t_magma),
+                             ("GP per task", gp_pred, t_gp)]:
+        s = _scores(pred, target)
+        rows += [{"seed": seed, "method": name, "task": tid, "mse": r.err, "coverage": r.inside, "fit_s": secs,
+                  "cpu_s": cpu_clust if name == "MagmaClust" else np.nan,
+                  "ari": ari if name == "MagmaClust" else np.nan} for tid, r in s.iterrows()]
+    return rows
+
+
+def main(quick: bool = False):
+    torch.set_num_threads(1)
+    info = machine()
+    print(f"## Magma / MagmaClust, authors' simulation protocol ({describe(info)})\n")
+    seeds = range(3) if quick else range(30)
+    rows = [r for s in seeds for r in one_dataset(s)]
+    df = pd.DataFrame(rows)
+    summary = []
+    for name, d in df.groupby("method", sort=False):
+        per_set = d.groupby("seed")
+        summary.append({
+            "method": name,
+            "data sets": d["seed"].nunique(),
+            "new tasks": len(d),
+            "MSE mean": f"{d['mse'].mean():.2f}",
+            "MSE median": f"{d['mse'].median():.2f}",
+            "95% coverage": f"{100 * d['coverage'].mean():.1f}%",
+            "ARI mean (min)": (f"{per_set['ari'].first().mean():.3f} ({per_set['ari'].first().min():.3f})"
+                               if name == "MagmaClust" else ""),
+            "fit s (median)": f"{per_set['fit_s'].first().median():.2f}",
+            "fit CPU s (median)": f"{per_set['cpu_s'].first().median():.2f}" if name == "MagmaClust" else "",
+        })
+    print(markdown_table(summary))
+    print("\nfit s: wall-clock; MagmaClust / Magma = one EM fit on the 50 training tasks; GP per task = all "
+          f"{df[df.method == 'GP per task'].groupby('seed').size().iloc[0]} per-task fits of the data set. "
+          "Timing on a shared, loaded machine: noisy.")
+    append_rows("magma", summary, info)
+    return df
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
