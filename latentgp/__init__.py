@@ -6,9 +6,11 @@ from . import kernels, linalg
 from .io import load
 from .models.exact import GPRegressor
 from .models.gpfa import GPFA
+from .models.gpvae import GPVAE
 from .models.grid import GridGP
 from .models.magma import Magma
 from .models.magmaclust import MagmaClust
+from .models.mmgpvae import MultimodalGPVAE
 from .models.multitask import HMTGP, MultitaskGP
 from .models.pde import GPPDESolver
 from .models.poisson_latent import PoissonLatentGP
@@ -19,5 +21,6 @@ from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
 __all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
            "VectorFieldGP", "ScalarFieldGP", "SICGP", "GridGP",
-           "GPPDESolver", "Magma", "MagmaClust", "MultitaskGP", "HMTGP"]
+           "GPPDESolver", "Magma", "MagmaClust", "MultitaskGP", "HMTGP",
+           "GPVAE", "MultimodalGPVAE"]
 __version__ = "0.1.0"
