@@ -292,3 +292,11 @@ def test_to_inference_data(small_fit, small_vdp):
     # the replicated counts have the data's total rate (within 3 %)
     assert abs(idata.posterior_predictive["counts"].values.mean() / small_vdp["counts"].mean() - 1) < 0.03
     assert np.isfinite(az.waic(idata, var_name="counts").elpd_waic)
+
+
+def test_gaussian_likelihood_with_negative_values_starts_finite():
+    """The data-driven start must not take logs of real-valued (Gaussian) observations."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(2, 40, 5)) - 2.0
+    m = lgp.PoissonLatentGP(1, likelihood="gaussian", bin_width=0.1).fit(y, steps=3, progress=False)
+    assert np.isfinite(m.latents()).all() and np.isfinite(m.elbo())

@@ -186,3 +186,28 @@ def test_data_weight_scales_the_expected_log_likelihood(rng):
                                                                   progress=False)
         fits[kappa] = float(fit.kernel.base_kernel.lengthscale.detach())
     assert fits[20.0] < fits[1.0]
+
+
+def test_predict_at_training_inputs_equals_training_marginals(rng):
+    """A query that coincides with a training point must find its neighbours (zero-radius kd-tree bound)."""
+    X = np.sort(rng.uniform(size=(60, 1)), axis=0)
+    y = np.sin(6 * X[:, 0]) + 0.1 * rng.normal(size=60)
+    m = SICGP(kernel=_kernel(), rho=2.0, noise=0.01, max_neighbors=6).fit(X, y, steps=30, progress=False)
+    pred = m.predict(X[:3])
+    ref = m.training_marginals().iloc[:3]
+    np.testing.assert_allclose(pred["mean"].to_numpy(), ref["mean"].to_numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(pred["var"].to_numpy(), ref["var"].to_numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_likelihood_instance_roundtrips(rng, tmp_path):
+    from latentgp.variational.sic import GaussianLikelihood as GL
+    from latentgp.variational.sic import StudentTLikelihood
+
+    X, y = _data(rng, 40)
+    with pytest.raises(ValueError, match="likelihood instance"):
+        SICGP(likelihood=GL(), noise=0.1)
+    for lik in (GL(noise=0.05), StudentTLikelihood(df=30.0)):
+        m = SICGP(kernel=_kernel(), likelihood=lik, max_neighbors=6).fit(X, y, steps=5, progress=False)
+        m.save(tmp_path / "m.pt")
+        back = lgp.load(tmp_path / "m.pt")
+        assert back.elbo() == pytest.approx(m.elbo(), rel=1e-10)

@@ -174,15 +174,19 @@ def pcg(matmul, rhs: torch.Tensor, precond, *, tol: float = 1e-12, max_iter: int
     rz = (R * Z).sum(0)
     target = tol * rhs.norm(dim=0).clamp_min(torch.finfo(rhs.dtype).tiny)
     for it in range(max_iter):
-        if bool((R.norm(dim=0) <= target).all()):
+        active = R.norm(dim=0) > target
+        if not bool(active.any()):
             return X, it
         AP = matmul(P)
-        step = rz / (P * AP).sum(0)
+        # Converged (or exactly zero) columns stop moving: no 0/0 NaN from a zero right-hand side.
+        pAp = (P * AP).sum(0)
+        step = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, 1.0), 0.0)
         X = X + step * P
         R = R - step * AP
         Z = precond(R)
         rz_new = (R * Z).sum(0)
-        P = Z + (rz_new / rz) * P
+        beta = torch.where(active & (rz > 0), rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        P = Z + beta * P
         rz = rz_new
     if bool((R.norm(dim=0) <= target).all()):
         return X, max_iter

@@ -192,7 +192,10 @@ def _knn_within(tree: cKDTree, q: np.ndarray, radius: np.ndarray, cap: int, limi
     while todo.size:
         k = min(k, tree.n)
         # The distance bound is per query; cKDTree takes a scalar, so filter afterwards.
-        d, j = tree.query(q[todo], k=k, distance_upper_bound=float(np.max(radius[todo])) * (1 + 1e-12))
+        # cKDTree squares the bound, so below ~1e-154 it underflows to 0 and finds nothing (radius 0 for a
+        # query that coincides with a tree point); the exact per-row filter `d <= radius` follows.
+        bound = max(float(np.max(radius[todo])) * (1 + 1e-12), 1e-100)
+        d, j = tree.query(q[todo], k=k, distance_upper_bound=bound)
         d, j = d.reshape(len(todo), k), j.reshape(len(todo), k)
         ok = (j < limit[todo, None]) & (d <= radius[todo, None])
         rank = np.cumsum(ok, axis=1)

@@ -158,6 +158,11 @@ class GPVAE(Model):
             batch_size = check_int(batch_size, "batch_size", 1)
         y = torch.as_tensor(arr, dtype=self.dtype)
         N, T, D = y.shape
+        if self._train is not None and D != self._train.shape[2]:  # a refit with a different feature count
+            if self.config["custom_encoder"] or self.config["custom_decoder"]:
+                raise ValueError(f"`Y` has {D} features but the user-supplied encoder/decoder were built for "
+                                 f"{self._train.shape[2]}; pass networks for the new width to a new GPVAE.")
+            self.net.encoder = self.net.decoder = None  # default networks are rebuilt for the new width
         self._train, self._times = y, t
         with seeded(seed):
             self._build(D, y, t)
@@ -252,7 +257,7 @@ class GPVAE(Model):
         q = torch.quantile(mu, torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=mu.dtype), dim=0)
         idx = np.indices((N, T, D)).reshape(3, -1)
         return pd.DataFrame({"sequence": idx[0], "time": self._times.numpy()[idx[1]], "feature": idx[2],
-                             "mean": mu.mean(0).flatten().numpy(), "var": mu.var(0).flatten().numpy(),
+                             "mean": mu.mean(0).flatten().numpy(), "var": mu.var(0, unbiased=False).flatten().numpy(),
                              "lower": q[0].flatten().numpy(), "upper": q[1].flatten().numpy()})
 
     def to_inference_data(self, num_samples: int = 100, seed=None):

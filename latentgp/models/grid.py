@@ -212,7 +212,8 @@ class GridGP(Model):
             if isinstance(self.prior.mean_module, gpytorch.means.ConstantMean):
                 self.prior.mean_module.constant = obs.mean()
             if not hasattr(self.prior, "fixed_noise"):
-                self.prior.raw_noise.copy_(self.prior.raw_noise_constraint.inverse_transform(0.1 * obs.var()))
+                noise0 = 0.1 * obs.var().clamp_min(1e-6)  # constant data: a positive start, not NaN
+                self.prior.raw_noise.copy_(self.prior.raw_noise_constraint.inverse_transform(noise0))
 
     def _record(self):
         return {name: (p.item() if p.numel() == 1 else p.detach().flatten().tolist())

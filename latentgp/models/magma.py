@@ -9,6 +9,8 @@ inverts C_theta0. :class:`MagmaClust` is the same machinery with K cluster mean 
 """
 from __future__ import annotations
 
+import copy
+
 import gpytorch
 import numpy as np
 import pandas as pd
@@ -97,8 +99,10 @@ class Magma(Model):
         K, M = self._n_clusters, len(tasks.ids)
         y = tasks.y[tasks.mask]
         span = (tasks.union.max(0).values - tasks.union.min(0).values).clamp_min(1e-6)
-        mean_k = self.kernel if self.kernel is not None else default_kernel(K if K > 1 else None)
-        task_k = self.task_kernel if self.task_kernel is not None else default_kernel(None if self.common_hp else M)
+        # Copies: the user's kernel object stays a template (select_n_clusters fits several models from it).
+        mean_k = copy.deepcopy(self.kernel) if self.kernel is not None else default_kernel(K if K > 1 else None)
+        task_k = (copy.deepcopy(self.task_kernel) if self.task_kernel is not None
+                  else default_kernel(None if self.common_hp else M))
         hyper = _Hyper(mean_k, task_k, None if self.common_hp else M).to(self.dtype)
         with torch.no_grad():
             if self.kernel is None:
@@ -192,6 +196,10 @@ class Magma(Model):
         with torch_threads(1):
             self.history = train(em_step, steps=steps, progress=progress, tol=tol, patience=2, record=self._record,
                                  desc=type(self).__name__)
+            if steps == 0:  # the promised E-step at the current hyperparameters
+                with torch.no_grad():
+                    Psi, Pinv, post, _ = self._terms(tasks, self.tau_)
+                    self._update_weights(tasks, post, Psi, Pinv)
             self._condition()
         return self
 

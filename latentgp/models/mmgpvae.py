@@ -253,6 +253,16 @@ class MultimodalGPVAE(Model):
             batch_size = check_int(batch_size, "batch_size", 1)
         if T < 2:
             raise ValueError(f"`spikes` needs at least 2 bins per sequence; got {T}.")
+        if self._train is not None:  # a refit with other widths: rebuild the default networks, refuse custom ones
+            widths = {"spike_encoder": (n_neurons, self._train[0].shape[-1]),
+                      "behaviour_encoder": (b.shape[-1], self._train[1].shape[-1]),
+                      "behaviour_decoder": (b.shape[-1], self._train[1].shape[-1])}
+            for name, (new, old) in widths.items():
+                if new != old:
+                    if self.config.get(f"custom_{name}"):
+                        raise ValueError(f"The data's width changed ({old} -> {new}) but `{name}` was supplied by "
+                                         "you for the old width; create a new MultimodalGPVAE.")
+                    setattr(self.net, name, None)
         self.behaviour_shape_ = tuple(frames.shape[2:])
         self._train = (y, b)
         self._grid(T)

@@ -90,6 +90,9 @@ class _MultitaskBase(Model):
         if fitting:
             known = list(pd.unique(labels))
             known = sorted(known) if all(isinstance(k, (int, np.integer, str)) for k in known) else known
+            previous = getattr(self, "task_labels_", None)
+            if previous is not None:  # refit: keep the fitted label -> row map (task parameters stay put)
+                known = list(previous) + [k for k in known if k not in list(previous)]
             if len(known) > self.num_tasks:
                 raise ValueError(f"`{name}` has {len(known)} tasks but num_tasks={self.num_tasks}.")
         else:

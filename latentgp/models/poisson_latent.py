@@ -29,16 +29,22 @@ from ..variational.cvi import (
 from .base import Model
 
 
-def _init_from_counts(counts: np.ndarray, n_latents: int, bin_width: float, smooth_bins: float = 4.0):
+def _init_from_counts(counts: np.ndarray, n_latents: int, bin_width: float, smooth_bins: float = 4.0,
+                      log_link: bool = True):
     """Loadings, biases, initial latents and timescales from the data (trap: a fixed initial
-    lengthscale changes the answer a lot, so start from the data's own autocorrelation)."""
+    lengthscale changes the answer a lot, so start from the data's own autocorrelation).
+    ``log_link=False`` (Gaussian observations, which may be negative): work on the values themselves."""
     from scipy.ndimage import gaussian_filter1d
 
     N, T, D = counts.shape
-    rate = counts.mean((0, 1)) + 1e-3
-    d = np.log(rate / bin_width)
     smooth = gaussian_filter1d(counts.astype(float), smooth_bins, axis=1)
-    z = np.log(smooth + 0.5 * rate) - np.log(rate)
+    if log_link:
+        rate = counts.mean((0, 1)) + 1e-3
+        d = np.log(rate / bin_width)
+        z = np.log(smooth + 0.5 * rate) - np.log(rate)
+    else:
+        d = counts.mean((0, 1))
+        z = smooth - d
     flat = z.reshape(-1, D)
     flat = flat - flat.mean(0)
     _, s, vt = np.linalg.svd(flat, full_matrices=False)
@@ -132,7 +138,8 @@ class PoissonLatentGP(Model):
         whittle_every = check_int(whittle_every, "whittle_every", 1)
 
         y = torch.as_tensor(y_np, dtype=self.dtype)
-        C0, d0, lengthscales, omegas = _init_from_counts(y_np, self.n_latents, self.bin_width)
+        C0, d0, lengthscales, omegas = _init_from_counts(y_np, self.n_latents, self.bin_width,
+                                                         log_link=self.likelihood.name != "gaussian")
         with torch.no_grad():
             if self._default_kernel:
                 self.kernel.lengthscale = torch.as_tensor(lengthscales, dtype=self.dtype).reshape(-1, 1, 1)

@@ -76,8 +76,10 @@ class SICGP(Model):
         self.kernel = (gpytorch.kernels.ScaleKernel(Matern(nu=1.5)) if kernel is None else kernel).to(dtype)
         mean_module = gpytorch.means.ConstantMean() if mean == "constant" else gpytorch.means.ZeroMean()
         self.mean_module = mean_module.to(dtype)
-        self.config = {"rho": rho, "max_neighbors": max_neighbors, "mean": mean, "noise": noise,
-                       "likelihood": self.likelihood.name}
+        lik = self.likelihood  # what save/load must rebuild: a fixed noise and a Student-t df live on the instance
+        self.config = {"rho": rho, "max_neighbors": max_neighbors, "mean": mean,
+                       "noise": float(lik.fixed_noise) if hasattr(lik, "fixed_noise") else None,
+                       "likelihood": lik.name, "df": getattr(lik, "df", None)}
         self.dtype = dtype
         self.history = None
         self._train = None
@@ -127,7 +129,7 @@ class SICGP(Model):
 
         kappa = check_data_weight(data_weight)
         if kappa > 1.0 and learn_hyperparameters and steps > 0 and self.likelihood.name == "gaussian" \
-                and self.config["noise"] is None:
+                and not hasattr(self.likelihood, "fixed_noise"):
             raise ValueError("`data_weight` > 1 with a learned Gaussian noise makes the objective unbounded "
                              "(noise -> 0); fix the noise (SICGP(noise=...)).")
         batch_size = check_int(batch_size, "batch_size", 1)
@@ -313,7 +315,12 @@ class SICGP(Model):
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg, state, data = payload["config"], payload["state"], payload["data"]
-        model = cls(kernel=kernel, rho=cfg["rho"], likelihood=cfg["likelihood"], noise=cfg["noise"],
+        likelihood, noise = cfg["likelihood"], cfg["noise"]
+        if likelihood == "student_t" and cfg.get("df") is not None:
+            from ..variational.sic import StudentTLikelihood
+
+            likelihood = StudentTLikelihood(cfg["df"])
+        model = cls(kernel=kernel, rho=cfg["rho"], likelihood=likelihood, noise=noise,
                     max_neighbors=cfg["max_neighbors"], mean=cfg["mean"])
         model._default_kernel = cfg["default_kernel"]
         model.kernel.load_state_dict(state["kernel"])

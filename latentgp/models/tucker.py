@@ -167,6 +167,8 @@ class FunctionalTucker(Model):
         if method not in ("cep", "svi"):
             raise ValueError(f"`method` must be 'cep' or 'svi'; got {method!r}.")
         lr = check_positive((0.05 if method == "cep" else 0.01) if lr is None else lr, "lr")
+        steps = check_int(steps, "steps", 1)
+        num_particles = check_int(num_particles, "num_particles", 1)
         coords, values, names = self._split(X, y, modes)
         if not np.isfinite(coords).all() or not np.isfinite(values).all():
             raise ValueError("Coordinates and `y` must be finite (no NaN/inf); drop or impute missing entries.")
@@ -197,8 +199,7 @@ class FunctionalTucker(Model):
         self._tau = 1.0 / 0.1  # initial noise variance: 10% of the (standardised) signal
         self.method_ = method
         if method == "svi":
-            return self._fit_svi(check_int(steps, "steps", 1), lr, check_int(num_particles, "num_particles", 1),
-                                 learn_hyperparameters, progress, tol, seed)
+            return self._fit_svi(steps, lr, num_particles, learn_hyperparameters, progress, tol, seed)
         opts = [torch.optim.Adam(m.kernel.parameters(), lr=lr) for m in self._modes]
 
         def sweep():

@@ -42,6 +42,7 @@ def gaussian_noise_params(y: torch.Tensor | None, n_features: int, min_noise: fl
     The floor matters: for noiseless data (e.g. rendered images) the Gaussian likelihood is unbounded as
     the variance -> 0, and an unfloored fit ends in infinite gradients."""
     var = y.reshape(-1, n_features).var(0) if y is not None else torch.ones(n_features, dtype=dtype)
+    var = var.clamp_min(1e-2 * float(var.mean()) + 1e-12)  # constant features borrow the pooled scale
     return nn.Parameter(torch.log(0.5 * var + 1e-12)), min_noise * var + 1e-12
 
 

@@ -218,7 +218,8 @@ class _SpectralFieldGP(Model):
             fresh = False
         self._train = (pts, idx, vals)
         self._prepare()
-        if vals is not None and fresh:
+        if vals is not None and (fresh or not getattr(self, "_initialised", False)):
+            self._initialised = True
             self._init_from_data()
         if vals is not None and steps > 0:
             n_obs = len(self._y)

@@ -132,6 +132,8 @@ LIKELIHOODS = {"gaussian": GaussianLikelihood, "bernoulli": BernoulliLikelihood,
 
 def get_likelihood(likelihood, noise) -> SICLikelihood:
     if isinstance(likelihood, SICLikelihood):
+        if noise is not None:
+            raise ValueError("`noise` cannot be combined with a likelihood instance; set it on the instance.")
         return likelihood
     name = "gaussian" if likelihood is None else likelihood
     if name not in LIKELIHOODS:
