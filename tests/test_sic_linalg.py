@@ -99,6 +99,8 @@ def test_operator_ops_match_dense(rng):
     torch.testing.assert_close(U.solve(B), torch.linalg.solve_triangular(Ud, B, upper=True), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(U.mT.solve(B), torch.linalg.solve_triangular(Ud.T, B, upper=False),
                                rtol=1e-9, atol=1e-9)
+    with pytest.raises(NotImplementedError, match="not differentiable"):  # never a silently dropped gradient
+        U.mT.solve(B.clone().requires_grad_(True))
     assert U.logdet().item() == pytest.approx(torch.logdet(Ud).item(), rel=1e-10)
     torch.testing.assert_close(U.diagonal(), torch.diagonal(Ud))
     torch.testing.assert_close(U.inverse_covariance_matmul(B), Ud @ Ud.T @ B)

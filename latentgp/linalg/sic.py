@@ -368,6 +368,9 @@ class SparseInverseCholesky(LinearOperator):
         if left_tensor is not None:
             return left_tensor @ self.solve(right_tensor)
         if self.transposed:
+            if torch.is_grad_enabled() and (right_tensor.requires_grad or self.values.requires_grad):
+                raise NotImplementedError("The transposed (Uᵀ) solve is not differentiable; solve with U "
+                                          "(differentiable) or wrap the call in torch.no_grad().")
             return lower_solve(self.values, self.pattern, right_tensor)
         return upper_solve(self.values, self.pattern, right_tensor)
 
