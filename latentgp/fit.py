@@ -102,9 +102,13 @@ def optimize(
     method: str = "lbfgs",
     steps: int = 100,
     lr: float | None = None,
+    max_grad_norm: float | None = None,
     **train_kwargs,
 ) -> pd.DataFrame:
-    """Minimise ``loss_fn()`` over ``params`` with Adam or L-BFGS (strong-Wolfe line search)."""
+    """Minimise ``loss_fn()`` over ``params`` with Adam or L-BFGS (strong-Wolfe line search).
+
+    ``max_grad_norm`` (Adam): clip the gradient's total norm, and skip a step whose gradient is not
+    finite -- for stochastic objectives with rare exploding minibatches (neural encoders)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("There are no free hyperparameters to optimise; use steps=0 to only condition.")
@@ -115,6 +119,10 @@ def optimize(
             opt.zero_grad()
             loss = loss_fn()
             loss.backward()
+            if max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if not torch.isfinite(norm):
+                    return loss.item()  # a non-finite gradient: skip this step
             opt.step()
             return loss.item()
 

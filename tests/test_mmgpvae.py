@@ -213,3 +213,17 @@ def test_render_blob_moves_with_latents():
     img = render_blob(np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), size=28)
     cols = img.sum(1).argmax(-1)
     assert img.shape == (2, 28, 28) and cols[1] > cols[0] + 5
+
+
+def test_restarts_keep_the_best_start():
+    from latentgp.simulate_blob import simulate_blob_spikes
+
+    d = simulate_blob_spikes(8, n_bins=16, n_neurons=8, bin_width=0.02, seed=0)
+    one = MultimodalGPVAE(shared_dim=2, private_dims=(0, 0), n_frequencies=5, bin_width=0.02)
+    one.fit(d["counts"], d["images"], steps=0, restarts=3, restart_steps=15, seed=0, progress=False)
+    best = one.elbo(num_samples=16, seed=1)
+    single = MultimodalGPVAE(shared_dim=2, private_dims=(0, 0), n_frequencies=5, bin_width=0.02)
+    single.fit(d["counts"], d["images"], steps=15, seed=0, progress=False)  # = the first of the restarts
+    assert best >= single.elbo(num_samples=16, seed=1) - 1.0  # never worse than the first start (MC slack)
+    with pytest.raises(ValueError, match="restarts"):
+        MultimodalGPVAE(2, spike_encoder=torch.nn.Identity()).fit(d["counts"], d["images"], restarts=2)

@@ -238,9 +238,17 @@ class MultimodalGPVAE(Model):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, spikes, behaviour, *, steps: int = 1000, lr: float = 0.01, batch_size: int | None = None,
-            num_samples: int = 1, modality_dropout: float = 0.25, learn_kernel: bool = True, progress=None,
-            tol: float | None = None, seed=None):
-        """Adam on the ELBO over minibatches of sequences; history loss = -ELBO per (sequence x bin)."""
+            num_samples: int = 1, modality_dropout: float = 0.25, learn_kernel: bool = True, restarts: int = 1,
+            restart_steps: int = 300, max_grad_norm: float | None = None, progress=None, tol: float | None = None,
+            seed=None):
+        """Adam on the ELBO over minibatches of sequences; history loss = -ELBO per (sequence x bin).
+
+        ``restarts`` > 1 (default networks only): that many fresh initialisations are each trained for
+        ``restart_steps`` steps, the one with the highest ELBO is kept and trained for ``steps`` more. The
+        fit is seed-sensitive (a poor start can end in a poor local optimum); restarts trade time for it.
+        ``max_grad_norm``: clip Adam's gradient norm and skip non-finite steps (:func:`latentgp.fit.optimize`);
+        set it (e.g. 100) if a fit diverges -- a rare exploding minibatch can send the encoder to NaN.
+        """
         y = self._check_spikes(spikes, against_fit=False)  # a refit may change the data's shapes
         N, T, n_neurons = y.shape
         frames = _as_float_array(behaviour, "behaviour")
@@ -253,6 +261,11 @@ class MultimodalGPVAE(Model):
             batch_size = check_int(batch_size, "batch_size", 1)
         if T < 2:
             raise ValueError(f"`spikes` needs at least 2 bins per sequence; got {T}.")
+        restarts, restart_steps = check_int(restarts, "restarts", 1), check_int(restart_steps, "restart_steps", 1)
+        max_grad_norm = check_positive(max_grad_norm, "max_grad_norm", allow_none=True)
+        if restarts > 1 and any(v for k, v in self.config.items() if k.startswith("custom_")):
+            raise ValueError("`restarts` > 1 re-initialises the default networks; it cannot be used with networks "
+                             "you supplied (run several fits with different seeds instead).")
         if self._train is not None:  # a refit with other widths: rebuild the default networks, refuse custom ones
             widths = {"spike_encoder": (n_neurons, self._train[0].shape[-1]),
                       "behaviour_encoder": (b.shape[-1], self._train[1].shape[-1]),
@@ -267,8 +280,8 @@ class MultimodalGPVAE(Model):
         self._train = (y, b)
         self._grid(T)
         with seeded(seed):
+            kernel_start = {k: v.clone() for k, v in self.net.kernel.state_dict().items()}
             self._build(n_neurons, b.shape[-1], y, b)
-            params = [p for name, p in self.net.named_parameters() if learn_kernel or not name.startswith("kernel")]
             batches = minibatches(N, batch_size)
 
             def loss():
@@ -279,10 +292,43 @@ class MultimodalGPVAE(Model):
                 terms = self.elbo_terms(y[idx], b[idx], num_samples, encode)
                 return -terms["elbo"].sum() / (len(idx) * T)
 
+            def trainable():
+                return [p for name, p in self.net.named_parameters() if learn_kernel or not name.startswith("kernel")]
+
             with torch_threads(1):
-                self.history = optimize(loss, params, method="adam", steps=steps, lr=lr, progress=progress, tol=tol,
-                                        record=self._record, desc="MM-GPVAE") if steps else None
+                if restarts > 1:
+                    self._best_of_restarts(restarts, restart_steps, loss, trainable, lr, kernel_start,
+                                           (n_neurons, b.shape[-1], y, b), max_grad_norm)
+                self.history = optimize(loss, trainable(), method="adam", steps=steps, lr=lr, progress=progress,
+                                        tol=tol, record=self._record, desc="MM-GPVAE",
+                                        max_grad_norm=max_grad_norm) if steps else None
         return self
+
+    def _best_of_restarts(self, restarts, restart_steps, loss, trainable, lr, kernel_start, build_args,
+                          max_grad_norm):
+        """Train ``restarts`` fresh starts briefly; keep the state with the highest ELBO (a start that
+        diverges scores -inf)."""
+        import copy
+        import math
+
+        best = (-math.inf, None)
+        for r in range(restarts):
+            if r > 0:  # fresh default networks, the same data-driven start for the rest
+                self.net.spike_encoder = self.net.behaviour_encoder = self.net.behaviour_decoder = None
+                self.net.kernel.load_state_dict(kernel_start)
+                self._build(*build_args)
+            try:
+                optimize(loss, trainable(), method="adam", steps=restart_steps, lr=lr, progress=False,
+                         max_grad_norm=max_grad_norm)
+                with torch.no_grad():
+                    score = float(self.elbo_terms(*self._train, 4)["elbo"].sum())
+            except (FloatingPointError, torch.linalg.LinAlgError):
+                score = -math.inf
+            if score > best[0]:
+                best = (score, copy.deepcopy(self.net))
+        if best[1] is None:
+            raise FloatingPointError("Every restart diverged; lower the learning rate (lr=...).")
+        self.net = best[1]
 
     def _record(self):
         return {f"lengthscale_{i}": v for i, v in enumerate(self.net.kernel.lengthscale.detach().flatten().tolist())}

@@ -172,6 +172,9 @@ def fourier_posterior(prior_var: torch.Tensor, basis: torch.Tensor, mean: torch.
     W = basis.unsqueeze(0) * scale.unsqueeze(-2)  # (L, T, M)
     lam = precision.transpose(-1, -2)  # (B, L, T)
     P = torch.eye(W.shape[-1], dtype=W.dtype) + W.transpose(-1, -2) @ (lam.unsqueeze(-1) * W)
+    if not bool(torch.isfinite(P).all()):  # P >= I whenever the sites are finite
+        raise FloatingPointError("The encoder produced non-finite sites (training diverged); lower the learning "
+                                 "rate (lr=...), set max_grad_norm, or use restarts.")
     chol = torch.linalg.cholesky(P)
     rhs = (W.transpose(-1, -2) @ (lam * mean.transpose(-1, -2)).unsqueeze(-1))  # (B, L, M, 1)
     mu = torch.cholesky_solve(rhs, chol).squeeze(-1)
