@@ -209,8 +209,7 @@ class FunctionalTucker(Model):
                     self._hyper_step(mode, opts[k])
             if self.kind == "tucker":
                 self._update_core()
-            self._update_noise()
-            return self._rmse()
+            return self._update_noise()
 
         with torch_threads(1):  # many small ops: one thread is faster on a busy machine (see cvHM)
             self.history = train(sweep, steps=sweeps, progress=progress, tol=tol, record=self._record,
@@ -335,30 +334,23 @@ class FunctionalTucker(Model):
         self._core_mean = mean.reshape(ranks)
         self._core_second = (cov + torch.outer(mean, mean)).reshape(*ranks, *ranks)
 
-    def _squared_error(self):
-        total = 0.0
+    def _update_noise(self) -> float:
+        """Gamma update of the noise precision from E_q[(y - f)²]; returns the training RMSE of the
+        posterior mean (original units), from the same pass over the entries."""
+        expected_sq = mean_sq = 0.0
         for sl in cep.chunks(len(self._train), CHUNK):
             means, seconds = self._entry_moments(sl)
             Ef, Ef2 = cep.entry_moments(self.kind, means, seconds, self._core_mean, self._core_second)
             y = self._train[sl]
-            total += float((y * y - 2 * y * Ef + Ef2).sum())
-        return total
-
-    def _update_noise(self):
+            expected_sq += float((y * y - 2 * y * Ef + Ef2).sum())
+            mean_sq += float(((y - Ef) ** 2).sum())
         a0, b0 = self.noise_prior
-        self._tau = (a0 + 0.5 * len(self._train)) / (b0 + 0.5 * self._squared_error())
+        self._tau = (a0 + 0.5 * len(self._train)) / (b0 + 0.5 * expected_sq)
+        return self._scale * float(np.sqrt(mean_sq / len(self._train)))
 
     def _predict_standardised(self, means, seconds):
         Ef, Ef2 = cep.entry_moments(self.kind, means, seconds, self._core_mean, self._core_second)
         return Ef, (Ef2 - Ef * Ef).clamp_min(0.0)
-
-    def _rmse(self):
-        sq = 0.0
-        for sl in cep.chunks(len(self._train), CHUNK):
-            means, seconds = self._entry_moments(sl)
-            Ef, _ = self._predict_standardised(means, seconds)
-            sq += float(((Ef - self._train[sl]) ** 2).sum())
-        return self._scale * np.sqrt(sq / len(self._train))
 
     def _record(self):
         out = {"noise_sd": self._scale / np.sqrt(self._tau)}
