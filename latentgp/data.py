@@ -78,6 +78,16 @@ def as_inputs(X, name: str = "X", *, columns=None, dtype=DEFAULT_DTYPE) -> Input
     return Inputs(torch.as_tensor(arr, dtype=dtype), names)
 
 
+def as_new_inputs(X, columns, name: str = "X", dtype=DEFAULT_DTYPE) -> Inputs:
+    """New inputs for a model fitted on input ``columns``: a DataFrame is read by those column names, and
+    the number of columns must match (``ValueError`` naming ``name`` otherwise)."""
+    columns = list(columns)
+    new = as_inputs(X, name, columns=columns if isinstance(X, pd.DataFrame) else None, dtype=dtype)
+    if new.values.shape[1] != len(columns):
+        raise ValueError(f"`{name}` has {new.values.shape[1]} columns; the model was fitted on {len(columns)}.")
+    return new
+
+
 def as_targets(y, n: int, name: str = "y", dtype=DEFAULT_DTYPE) -> torch.Tensor:
     """Convert ``y`` to a 1-D tensor of length ``n``."""
     if isinstance(y, pd.DataFrame):

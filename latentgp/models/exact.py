@@ -9,13 +9,12 @@ import math
 
 import gpytorch
 import numpy as np
-import pandas as pd
 import pyro
 import pyro.distributions as dist
 import torch
 from torch.func import functional_call
 
-from ..data import DEFAULT_DTYPE, as_inputs, as_targets, check_int, check_positive, split_frame
+from ..data import DEFAULT_DTYPE, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
 from ..fit import optimize, run_svi, seeded, show_progress
 from ..io import register_model
 from ..linalg.cholesky import safe_cholesky
@@ -303,11 +302,7 @@ class GPRegressor(Model):
         """
         self._require_fitted("predict()")
         inputs = self._train[0]
-        cols = list(inputs.columns) if isinstance(X, pd.DataFrame) else None
-        new = as_inputs(X, "X", columns=cols, dtype=self.dtype)
-        if new.values.shape[1] != inputs.values.shape[1]:
-            raise ValueError(f"`X` has {new.values.shape[1]} columns; the model was fitted on "
-                             f"{inputs.values.shape[1]}.")
+        new = as_new_inputs(X, inputs.columns, dtype=self.dtype)
         with torch.no_grad():
             if self.samples_ is None or self.method_ != "nuts":
                 mean, var = self._posterior_moments(new.values, include_noise, cache=self._cache)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from scipy.special import xlogy
 
-from ..data import DEFAULT_DTYPE, as_inputs, check_int, check_level
+from ..data import DEFAULT_DTYPE, as_new_inputs, check_int, check_level
 from ..fit import optimize, seeded, torch_threads, train
 from ..io import kernel_from_spec, kernel_spec, register_model
 from . import mean_process as mp
@@ -237,11 +237,7 @@ class Magma(Model):
         return pd.concat([f.assign(cluster=k) for k, f in enumerate(frames)], ignore_index=True)
 
     def _new_inputs(self, x_new, name):
-        cols = list(self._train[0].columns)
-        new = as_inputs(x_new, name, columns=cols if isinstance(x_new, pd.DataFrame) else None, dtype=self.dtype)
-        if new.values.shape[1] != len(cols):
-            raise ValueError(f"`{name}` has {new.values.shape[1]} input columns; the model was fitted on {len(cols)}.")
-        return new.values
+        return as_new_inputs(x_new, self._train[0].columns, name, dtype=self.dtype).values
 
     # ------------------------------------------------------------------ prediction
     def predict(self, df_new, x_new, level: float = 0.95, include_noise: bool = False, *, new_task_steps: int = 20):

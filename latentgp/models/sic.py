@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-from ..data import DEFAULT_DTYPE, Inputs, as_inputs, as_targets, check_int, check_positive, split_frame
+from ..data import DEFAULT_DTYPE, Inputs, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
 from ..fit import optimize, seeded, train
 from ..io import register_model
 from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_mask, sic_columns, sic_pattern
@@ -252,11 +252,7 @@ class SICGP(Model):
         """Posterior mean and variance of f at new inputs ``X`` (ordered after the training inputs)."""
         self._require_fitted("predict()")
         inputs = self._train[0]
-        cols = list(inputs.columns) if isinstance(X, pd.DataFrame) else None
-        new = as_inputs(X, "X", columns=cols, dtype=self.dtype)
-        if new.values.shape[1] != inputs.values.shape[1]:
-            raise ValueError(f"`X` has {new.values.shape[1]} columns; the model was fitted on "
-                             f"{inputs.values.shape[1]}.")
+        new = as_new_inputs(X, inputs.columns, dtype=self.dtype)
         ard = _lengthscale(self.kernel)
         ard = None if ard is None else ard.numpy()
         Xs = new.values
