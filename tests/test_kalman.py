@@ -192,19 +192,19 @@ def sequential_kalman(A, Q, H, R, y, P0, m0, mask):
     return st(mf, 2), st(Pf, 3), st(ms, 2), st(Ps, 3), st(cross, 3), ll
 
 
-def test_matches_sequential_twin_T500():
-    model = random_model(7, s=3, p=2, batch=(4,), T=500)
+def _twin_errors(model):
+    """Relative errors of the parallel filter/smoother against the sequential twin, and the smoother."""
     mf, Pf, ms, Ps, cross, ll = sequential_kalman(**model)
     f = kalman_filter(**model)
     r = kalman_smoother(**model)
-    errs = dict(
-        mf=_relerr(f.means, mf),
-        Pf=_relerr(f.covs, Pf),
-        ms=_relerr(r.means, ms),
-        Ps=_relerr(r.covs, Ps),
-        cross=_relerr(r.cross_covs, cross),
-        ll=_relerr(r.log_likelihood, ll),
-    )
+    errs = dict(mf=_relerr(f.means, mf), Pf=_relerr(f.covs, Pf), ms=_relerr(r.means, ms), Ps=_relerr(r.covs, Ps),
+                cross=_relerr(r.cross_covs, cross), ll_filter=_relerr(f.log_likelihood, ll),
+                ll_smoother=_relerr(r.log_likelihood, ll))
+    return errs, r
+
+
+def test_matches_sequential_twin_T500():
+    errs, r = _twin_errors(random_model(7, s=3, p=2, batch=(4,), T=500))
     assert max(errs.values()) <= 1e-10, errs
     assert torch.isfinite(r.means).all()  # NaN y at missing steps did not leak
 
@@ -267,18 +267,7 @@ def test_associative_scan_noncommutative(n, reverse):
 @pytest.mark.parametrize("T", [129, 257, 517])
 def test_odd_scan_levels_match_sequential_twin(T):
     """Lengths that make the odd/even (Blelloch) levels of both scans odd before Hillis-Steele takes over."""
-    model = random_model(T, s=2, p=1, batch=(2,), T=T)
-    mf, Pf, ms, Ps, cross, ll = sequential_kalman(**model)
-    f = kalman_filter(**model)
-    r = kalman_smoother(**model)
-    errs = dict(
-        mf=_relerr(f.means, mf),
-        Pf=_relerr(f.covs, Pf),
-        ms=_relerr(r.means, ms),
-        Ps=_relerr(r.covs, Ps),
-        cross=_relerr(r.cross_covs, cross),
-        ll=_relerr(f.log_likelihood, ll),
-    )
+    errs, _ = _twin_errors(random_model(T, s=2, p=1, batch=(2,), T=T))
     assert max(errs.values()) <= 1e-10, errs
 
 
