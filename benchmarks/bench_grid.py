@@ -14,13 +14,12 @@ Run:  .venv/bin/python benchmarks/bench_grid.py [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import gpytorch
 import numpy as np
 import torch
-from common import append_rows, describe, machine, markdown_table, median, time_interleaved
+from common import append_rows, describe, machine, markdown_table, median, run_cli, time_interleaved
 
 from latentgp import GPRegressor
 from latentgp.models.grid import GridGP
@@ -157,9 +156,4 @@ def main(quick: bool = False):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    main(args.quick)
+    run_cli(main)

@@ -13,13 +13,11 @@ Run:  .venv/bin/python benchmarks/bench_pde.py [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import numpy as np
-import torch
-from common import append_rows, describe, machine, markdown_table
+from common import append_rows, describe, machine, markdown_table, run_cli
 
 from latentgp.models.pde import GPPDESolver
 
@@ -69,9 +67,4 @@ def main(quick: bool = False):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    main(args.quick)
+    run_cli(main)

@@ -116,3 +116,17 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_cli(main: Callable[[bool], object], default_threads: int = 1) -> None:
+    """``python bench_x.py [--quick] [--threads N]``: set torch's threads, then ``main(quick)``."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=default_threads)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    main(args.quick)
