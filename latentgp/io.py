@@ -76,8 +76,15 @@ def kernel_from_spec(spec: dict):
     return _KERNELS[spec["type"]](*children, **args)
 
 
+def saved_dtype(payload: dict) -> torch.dtype:
+    """The floating dtype a model was saved with (files without one were float64)."""
+    return getattr(torch, payload.get("dtype", "float64"))
+
+
 def save_model(model, path) -> None:
     payload = model._payload()
+    if isinstance(getattr(model, "dtype", None), torch.dtype):  # models rebuild at this dtype in _from_payload
+        payload.setdefault("dtype", str(model.dtype).replace("torch.", ""))
     payload["kernel"] = kernel_spec(payload["kernel"]) if payload.get("kernel") is not None else None
     history = getattr(model, "history", None)
     payload["history"] = None if history is None else {c: history[c].tolist() for c in history.columns}

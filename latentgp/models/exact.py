@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from ..data import DEFAULT_DTYPE, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
 from ..fit import optimize, run_svi, seeded, show_progress
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..linalg.cholesky import safe_cholesky
 from ..objectives import gaussian_log_marginal
 from ..objectives_weighted import check_data_weight, data_emphasized_log_marginal
@@ -393,7 +393,7 @@ class GPRegressor(Model):
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg = payload["config"]
-        model = cls(kernel=kernel, mean=cfg["mean"], noise=cfg["noise"])
+        model = cls(kernel=kernel, mean=cfg["mean"], noise=cfg["noise"], dtype=saved_dtype(payload))
         model._default_kernel = cfg["default_kernel"]
         model.prior.load_state_dict(payload["state"])
         data = payload["data"]

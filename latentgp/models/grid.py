@@ -16,7 +16,7 @@ import torch
 
 from ..data import DEFAULT_DTYPE, _as_float_array, as_inputs, check_int, check_positive
 from ..fit import optimize, seeded
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..linalg.kronecker import KroneckerEig, contract_rows, grid_log_marginal, pcg
 from ..objectives_weighted import check_data_weight, tempered_gaussian_correction
 from .base import Model, prediction_frame
@@ -327,7 +327,7 @@ class GridGP(Model):
         cfg, data = payload["config"], payload["data"]
         kern = list(kernel.kernels) if cfg["form"] == "list" else kernel
         model = cls(kern, data["grid"], mean=cfg["mean"], noise=cfg["noise"],
-                    max_missing_exact=cfg["max_missing_exact"])
+                    max_missing_exact=cfg["max_missing_exact"], dtype=saved_dtype(payload))
         model.prior.load_state_dict(payload["state"])
         model._train = (data["values"], data["missing"])
         model._condition()

@@ -31,7 +31,7 @@ import torch
 
 from ..data import DEFAULT_DTYPE, as_inputs, check_int, check_positive
 from ..fit import optimize, seeded
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..kernels.grid_spectral import MAX_DERIVATIVE, GaussianSpectralMixture, StudentTSpectralMixture
 from ..objectives import gaussian_log_marginal
 from .base import Model, prediction_frame
@@ -349,7 +349,7 @@ class GPPDESolver(Model):
         op = cfg.pop("operator")
         if isinstance(op, dict):
             op = {tuple(int(c) for c in k.strip("()").split(",") if c.strip()): v for k, v in op.items()}
-        model = cls(operator=op, **cfg)
+        model = cls(operator=op, **cfg, dtype=saved_dtype(payload))
         model.kernels.load_state_dict(payload["state"])
         data = dict(payload["data"])
         model._floors = data.pop("floors")

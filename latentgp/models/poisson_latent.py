@@ -14,7 +14,7 @@ import torch
 
 from ..data import DEFAULT_DTYPE, check_int, check_positive
 from ..fit import seeded, torch_threads, train
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..kernels import HidaMatern, state_space_form
 from ..likelihoods import get_likelihood
 from ..variational.cvi import (
@@ -370,7 +370,8 @@ class PoissonLatentGP(Model):
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg = payload["config"]
-        model = cls(cfg["n_latents"], kernel=kernel, bin_width=cfg["bin_width"], likelihood=cfg["likelihood"])
+        model = cls(cfg["n_latents"], kernel=kernel, bin_width=cfg["bin_width"], likelihood=cfg["likelihood"],
+                    dtype=saved_dtype(payload))
         model._default_kernel = cfg["default_kernel"]
         model.method_ = cfg.get("method", "cvi")
         st = payload["state"]

@@ -1,0 +1,55 @@
+"""save/load keeps a model's floating dtype (a float32 model reloads as float32 and predicts the same)."""
+import numpy as np
+import pytest
+import torch
+
+import latentgp as lgp
+
+
+def _roundtrip(model, tmp_path):
+    path = tmp_path / "model.pt"
+    model.save(path)
+    return lgp.load(path)
+
+
+@pytest.mark.parametrize("cls", [lgp.GPRegressor, lgp.StateSpaceGP])
+def test_regressors_keep_float32(cls, tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 5, 40))
+    y = np.sin(x) + 0.1 * rng.standard_normal(40)
+    kernel = lgp.kernels.Matern(nu=1.5) if cls is lgp.StateSpaceGP else None
+    model = cls(kernel=kernel, dtype=torch.float32).fit(x, y, steps=5, progress=False)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32
+    assert next(loaded.prior.parameters()).dtype == torch.float32
+    new = np.linspace(0, 6, 7)
+    np.testing.assert_array_equal(loaded.predict(new)["mean"].to_numpy(), model.predict(new)["mean"].to_numpy())
+
+
+def test_grid_gp_keeps_float32(tmp_path):
+    grid = [np.linspace(0, 1, 6), np.linspace(0, 1, 5)]
+    values = np.add.outer(np.sin(3 * grid[0]), np.cos(2 * grid[1]))
+    kernels = [lgp.kernels.Matern(nu=2.5), lgp.kernels.Matern(nu=2.5)]
+    model = lgp.GridGP(kernels, grid, dtype=torch.float32).fit(values, steps=3, progress=False)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32
+    pts = np.array([[0.3, 0.4], [0.9, 0.1]])
+    np.testing.assert_array_equal(loaded.predict(pts)["mean"].to_numpy(), model.predict(pts)["mean"].to_numpy())
+
+
+def test_poisson_latent_keeps_float32(tmp_path):
+    counts = np.random.default_rng(1).poisson(2.0, size=(2, 30, 5))
+    model = lgp.PoissonLatentGP(1, dtype=torch.float32).fit(counts, steps=2, progress=False)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32 and loaded.C.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.latents(), model.latents())
+
+
+def test_pde_solver_keeps_float32(tmp_path):
+    solver = lgp.GPPDESolver(operator="poisson", domain=[(0, 1)], n_collocation=20, num_mixtures=2,
+                             dtype=torch.float32)
+    solver.fit(source=lambda x: -np.pi ** 2 * np.sin(np.pi * x), boundary=lambda x: 0 * x, steps=2, progress=False)
+    loaded = _roundtrip(solver, tmp_path)
+    assert loaded.dtype == torch.float32
+    x = np.linspace(0, 1, 5)
+    np.testing.assert_array_equal(loaded.predict(x)["mean"].to_numpy(), solver.predict(x)["mean"].to_numpy())
