@@ -15,12 +15,13 @@ from .models.multitask import HMTGP, MultitaskGP
 from .models.pde import GPPDESolver
 from .models.poisson_latent import PoissonLatentGP
 from .models.sic import SICGP
+from .models.svgp import SVGP
 from .models.state_space import StateSpaceGP
 from .models.tucker import FunctionalTucker
 from .models.vector_field import ScalarFieldGP, VectorFieldGP
 
 __all__ = ["kernels", "linalg", "load", "GPRegressor", "StateSpaceGP", "PoissonLatentGP", "GPFA", "FunctionalTucker",
-           "VectorFieldGP", "ScalarFieldGP", "SICGP", "GridGP",
+           "VectorFieldGP", "ScalarFieldGP", "SICGP", "SVGP", "GridGP",
            "GPPDESolver", "Magma", "MagmaClust", "MultitaskGP", "HMTGP",
            "GPVAE", "MultimodalGPVAE"]
 __version__ = "0.1.0"
