@@ -88,7 +88,7 @@ years = np.arange(df["year"].min(), df["year"].max() + 1)
 grid = np.array([(y_, m_) for y_ in years for m_ in range(1, 13)], dtype=float)
 fig, axes = plt.subplots(1, 3, sharey=True)
 panels = [("exact GP", exact), ("SVGP, ELBO (κ = 1)", fits[1.0]), ("SVGP, κ = 10", fits[10.0])]
-for ax, (title, model) in zip(axes, panels):
+for ax, (title, model) in zip(axes, panels, strict=True):
     surface = model.predict(grid)["mean"].to_numpy().reshape(len(years), 12)
     im = ax.imshow(surface.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=19, vmax=29,
                    extent=[years[0] - 0.5, years[-1] + 0.5, 0.5, 12.5])

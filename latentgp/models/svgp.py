@@ -36,7 +36,7 @@ def _jitter(dtype):
 class _Approximate(gpytorch.models.ApproximateGP):
     def __init__(self, kernel, mean_module, inducing, variational: str, learn_inducing: bool):
         distribution = _VARIATIONAL[variational](inducing.shape[0])
-        strategy = gpytorch.variational.VariationalStrategy(self, inducing, distribution, 
+        strategy = gpytorch.variational.VariationalStrategy(self, inducing, distribution,
                                                              jitter_val=_jitter(inducing.dtype),
                                                              learn_inducing_locations=learn_inducing)
         super().__init__(strategy)
