@@ -70,7 +70,7 @@ def test_aggregated_messages_equal_per_entry_message_passing(kind):
             Ea, Eaa = cep.other_moments(kind, k, means, seconds, model._core_mean, model._core_second)
             i = int(mode.index[n])
             ref_p[i] += model._tau * Eaa[0].numpy()
-            ref_s[i] += model._tau * float(model._train[n]) * Ea[0].numpy()
+            ref_s[i] += model._tau * (float(model._train[n]) - model._bias_mean) * Ea[0].numpy()
         np.testing.assert_allclose(precision.numpy(), ref_p, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(shift.numpy(), ref_s, rtol=1e-10, atol=1e-10)
         assert precision.shape == (len(mode.values), 2, 2)  # per unique coordinate, not per entry
@@ -100,7 +100,8 @@ def test_fixed_mode_posterior_is_exact_gp_regression():
     a = m1.mean[m1.index].numpy()  # (N, R)
     G = np.zeros((len(y), U * R))
     G[np.arange(len(y))[:, None], m0.index.numpy()[:, None] * R + np.arange(R)] = a
-    yt = model._train.numpy()
+    assert model._bias_mean != 0.0  # the fitted offset is subtracted from the data the factor sees
+    yt = model._train.numpy() - model._bias_mean
     S = G @ Kfull @ G.T + np.eye(len(y)) / 7.0
     KG = Kfull @ G.T
     mean = KG @ np.linalg.solve(S, yt)
@@ -197,3 +198,84 @@ def test_svi_fits_the_same_model_at_training_coordinates(tmp_path):
     pd.testing.assert_frame_equal(lgp.load(tmp_path / "svi.pt").predict(test_coords), svi.predict(test_coords))
     with pytest.raises(ValueError, match="method"):
         lgp.FunctionalTucker(1).fit(df, y="value", method="ep")
+
+
+def test_offset_and_noise_updates_match_the_closed_form():
+    """q(b) and q(τ) after one pass equal the Gaussian / Gamma updates computed densely from the
+    per-entry factor moments (E[f] = Σ_r Π_k m_kr, E[f²] = Σ_rr' Π_k E[u_kr u_kr'])."""
+    coords, y = _toy(n=200, seed=3, K=3)
+    model = lgp.FunctionalTucker(2, kind="cp", noise_prior=(2.0, 0.5)).fit(coords, y, sweeps=3, progress=False, seed=1)
+    tau = model._tau
+    means = [m.mean[m.index].numpy() for m in model._modes]
+    seconds = [(m.cov + m.mean.unsqueeze(-1) * m.mean.unsqueeze(-2))[m.index].numpy() for m in model._modes]
+    Ef = np.prod(means, axis=0).sum(-1)
+    Ef2 = np.prod(seconds, axis=0).sum((-1, -2))
+    yt, n = model._train.numpy(), len(y)
+    vb = 1.0 / (1.0 + tau * n)
+    mb = vb * tau * (yt - Ef).sum()
+    expected = ((yt - mb) ** 2 - 2 * (yt - mb) * Ef + Ef2).sum() + n * vb
+    rmse = model._scale * np.sqrt(np.mean((yt - mb - Ef) ** 2))
+    assert model._update_noise() == pytest.approx(rmse, rel=1e-10)
+    assert model._bias_mean == pytest.approx(mb, rel=1e-10) and model._bias_var == pytest.approx(vb, rel=1e-10)
+    assert model._tau == pytest.approx((2.0 + n / 2) / (0.5 + expected / 2), rel=1e-10)
+
+
+def test_offset_makes_a_shifted_rank_one_surface_exact():
+    """y = c + u_1(x) u_2(z) + ε: a centred pure CP cannot represent y - ȳ = u_1 u_2 - (ȳ - c) (the
+    constant is not rank one), the model with an offset can. The surface's mean is far from zero."""
+    rng = np.random.default_rng(0)
+    g = np.linspace(0, 1, 30)
+    truth = (2.0 + np.outer(1.2 + np.sin(2 * np.pi * g), np.cos(2 * g))).ravel()
+    coords = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    tr = rng.permutation(len(truth))[:400]
+    y = truth[tr] + 0.02 * rng.standard_normal(len(tr))
+    errs = {}
+    for bias in (True, False):
+        model = lgp.FunctionalTucker(1, bias=bias).fit(coords[tr], y, sweeps=60, progress=False, seed=0)
+        errs[bias] = np.sqrt(np.mean((model.predict(coords)["mean"] - truth) ** 2))
+        if bias:
+            assert model.noise_sd == pytest.approx(0.02, rel=0.1)
+            assert "bias" in model.history
+    # without the offset the rank-1 factors must absorb the constant 2: a clearly worse fit
+    assert errs[True] < 0.01 and errs[False] > 2 * errs[True], errs
+    with pytest.raises(TypeError, match="bias"):
+        lgp.FunctionalTucker(1, bias="yes")
+
+
+def test_hyperparameter_steps_climb_to_the_maximiser_of_the_expected_log_prior():
+    """Adam steps on the variational-EM objective (q fixed) converge to the maximiser of E_q[log p_θ(u_k)]
+    found by an independent bounded scalar search over the lengthscale (scipy)."""
+    from scipy.optimize import minimize_scalar
+
+    coords, y = _toy(n=300, seed=4)
+    model = lgp.FunctionalTucker(1).fit(coords, y, sweeps=4, learn_hyperparameters=False, progress=False, seed=0)
+    mode = model._modes[0]
+    objective = model._hyper_objective(mode)
+
+    def at(log_ls):
+        mode.kernel.lengthscale = torch.full((1, 1, 1), float(np.exp(log_ls)), dtype=T64)
+        with torch.no_grad():
+            return float(objective())
+
+    ref = float(np.exp(minimize_scalar(at, bounds=(np.log(1e-3), np.log(10.0)), method="bounded",
+                                       options={"xatol": 1e-10}).x))
+    assert ref > 0.1
+    mode.kernel.lengthscale = torch.full((1, 1, 1), 0.05, dtype=T64)  # a start well away from the optimum
+    opt = torch.optim.Adam(mode.kernel.parameters(), lr=0.05)
+    for _ in range(400):
+        model._hyper_step(mode, opt)
+    assert float(mode.kernel.lengthscale.detach()) == pytest.approx(ref, rel=1e-3)
+
+
+def test_user_kernels_with_an_outputscale_are_learned_and_recorded():
+    """A ScaleKernel-wrapped Matérn per mode (state-space form scaled by the outputscale): the history
+    records both hyperparameters per mode (this used to raise: the wrapper has no `lengthscale`)."""
+    import gpytorch
+
+    coords, y = _toy(n=200, seed=6)
+    kernels = [gpytorch.kernels.ScaleKernel(Matern(nu=1.5, batch_shape=torch.Size([2])), batch_shape=torch.Size([2]))
+               for _ in range(2)]
+    model = lgp.FunctionalTucker(2, kernels=kernels).fit(coords, y, sweeps=3, tol=None, progress=False, seed=0)
+    cols = set(model.history.columns)
+    assert {"outputscale_mode0_0", "lengthscale_mode1_base_kernel_1"} <= cols
+    assert model.history["outputscale_mode0_0"].iloc[-1] != model.history["outputscale_mode0_0"].iloc[0]

@@ -45,8 +45,10 @@ train.head()
 
 # %% [markdown]
 # ## Fit a rank-3 CP decomposition with functional factors
-# `fit(df, y=..., modes=[...])`: one column per mode plus the value column. `history` has the
-# training RMSE per CEP sweep, the noise level and the learned lengthscales.
+# `fit(df, y=..., modes=[...])`: one column per mode plus the value column. The model is
+# value = b + CP(year, month) + noise with a learned offset b (`bias=True`, the default): subtracting the
+# data mean instead would leave a constant that no rank-R CP represents exactly. `history` has the
+# training RMSE per CEP sweep, the noise level, the offset and the learned lengthscales.
 
 # %%
 model = lgp.FunctionalTucker(rank=3, kind="cp")

@@ -48,14 +48,13 @@ def other_moments(kind: str, k: int, means, seconds, core_mean=None, core_second
     """E[a_k] (n, R_k) and E[a_k a_kᵀ] (n, R_k, R_k) per entry, from the other modes' per-entry moments.
 
     ``means[j]`` (n, R_j) and ``seconds[j]`` (n, R_j, R_j) are mode j's posterior moments at each entry's
-    coordinate (entry ``k`` is ignored); ``core_mean`` (R_1, ..., R_K) and ``core_second``
+    coordinate (entry ``k`` is ignored and may be None); ``core_mean`` (R_1, ..., R_K) and ``core_second``
     (R_1, ..., R_K, R_1, ..., R_K) = E[W ⊗ W] for Tucker."""
     K = len(means)
     others = [j for j in range(K) if j != k]
-    if kind == "cp":
-        Ea = torch.ones_like(means[k])
-        Eaa = torch.ones_like(seconds[k])
-        for j in others:
+    if kind == "cp":  # elementwise products over the other modes (K >= 2, so there is at least one)
+        Ea, Eaa = means[others[0]], seconds[others[0]]
+        for j in others[1:]:
             Ea = Ea * means[j]
             Eaa = Eaa * seconds[j]
         return Ea, Eaa
@@ -72,9 +71,8 @@ def entry_moments(kind: str, means, seconds, core_mean=None, core_second=None):
     """E[f_n] and E[f_n²] per entry (n,)."""
     K = len(means)
     if kind == "cp":
-        m = torch.ones_like(means[0])
-        S = torch.ones_like(seconds[0])
-        for j in range(K):
+        m, S = means[0], seconds[0]
+        for j in range(1, K):
             m, S = m * means[j], S * seconds[j]
         return m.sum(-1), S.sum((-1, -2))
     rows = "".join(_row(j) for j in range(K))
