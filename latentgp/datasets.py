@@ -30,3 +30,11 @@ def load_elnino() -> pd.DataFrame:
     """Monthly Niño 1+2 sea surface temperature, 1950-2010 (see data/README.md): a (year x month)
     continuous-indexed tensor in long format. Columns: ``year``, ``month`` (1-12), ``sst`` (°C)."""
     return pd.read_csv(_path("elnino_sst.csv"))
+
+
+def load_chickweight() -> pd.DataFrame:
+    """Body weight of 50 chicks on 4 diets, weighed every second day from birth to day 20 and on day 21
+    (Crowder & Hand 1990; R's ``ChickWeight``, see data/README.md): 578 rows in long format, 5 chicks
+    with fewer than 12 weighings. Columns: ``Chick`` (ID 1-50), ``Diet`` (1-4), ``Time`` (days),
+    ``weight`` (grams)."""
+    return pd.read_csv(_path("chickweight.csv"))

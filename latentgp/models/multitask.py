@@ -125,29 +125,61 @@ class _MultitaskBase(Model):
             return float(self._lml(X, t, y))
 
     def fit(self, df, x="x", task="task", y="y", *, steps: int = 100, lr: float | None = None,
-            progress: bool | None = None, tol: float = 1e-9, seed: int | None = None):
+            progress: bool | None = None, tol: float = 1e-9, seed: int | None = None, restarts: int = 1):
         """Fit to long-format ``df``: input column(s) ``x``, task label column ``task``, output ``y``.
 
         Tasks may be observed at different inputs (missing outputs are simply absent rows).
-        ``steps=0`` only conditions on the data.
+        ``steps=0`` only conditions on the data. ``restarts`` > 1 (first fit only) optimises from that
+        many starting points -- the deterministic default start, then random ones drawn with ``seed`` --
+        and keeps the one with the highest log marginal likelihood (``history`` is that start's; its
+        ``start`` attribute says which). The marginal likelihood of spectral-mixture kernels is
+        multimodal in the frequencies, so a single start often stops in a poor local optimum.
         """
         X, t, yv, cols, labels = self._read(df, x, task, y)
         steps = check_int(steps, "steps")
+        restarts = check_int(restarts, "restarts", 1)
         if len(yv) < 2:
             raise ValueError("`df` needs at least 2 rows.")
-        if self._train is None:
-            self._build(X, t, yv)
-        elif X.shape[1] != self._train[0].shape[1]:
+        if self._train is not None and X.shape[1] != self._train[0].shape[1]:
             raise ValueError("`x` names a different number of input columns than the fitted data.")
+        first = self._train is None
+        if first:
+            self._build(X, t, yv)
         self._train = (X, t, yv, {"x": list(cols), "task": task, "y": y})
         self.task_labels_ = labels
-        params = list(self.covariance.parameters()) + list(self.task_terms.parameters())
-        with seeded(seed):
-            if steps > 0:
-                self.history = optimize(lambda: -self._lml(X, t, yv) / len(yv), params, steps=steps, lr=lr,
-                                        progress=progress, tol=tol, desc=type(self).__name__)
+        if steps > 0:
+            best = None
+            for start in range(restarts if first else 1):
+                with seeded(None if seed is None else seed + start):
+                    if start > 0:
+                        self._random_start(X, t, yv, torch.Generator().manual_seed(
+                            (0 if seed is None else seed) * 1000 + start))
+                    history = self._optimize(X, t, yv, steps, lr, progress, tol)
+                with torch.no_grad():
+                    value = float(self._lml(X, t, yv))
+                if best is None or (math.isfinite(value) and value > best[0]):
+                    best = (value, copy.deepcopy(self._state()), history, start)
+            self._load_state(best[1])
+            self.history = best[2]
+            self.history.attrs["start"] = best[3]
         self._condition()
         return self
+
+    def _optimize(self, X, t, yv, steps, lr, progress, tol):
+        params = list(self.covariance.parameters()) + list(self.task_terms.parameters())
+        return optimize(lambda: -self._lml(X, t, yv) / len(yv), params, steps=steps, lr=lr,
+                        progress=progress, tol=tol, desc=type(self).__name__)
+
+    def _state(self):
+        return {"covariance": self.covariance.state_dict(), "task_terms": self.task_terms.state_dict()}
+
+    def _load_state(self, state):
+        self.covariance.load_state_dict(state["covariance"])
+        self.task_terms.load_state_dict(state["task_terms"])
+
+    def _random_start(self, X, t, y, gen):
+        """A random starting point for a restart (models override; default: task terms from the data)."""
+        self._init_task_terms(t, y)
 
     def _init_task_terms(self, t, y):
         terms = _TaskNoiseMean(self.num_tasks).to(self.dtype)
@@ -240,6 +272,17 @@ class MultitaskGP(_MultitaskBase):
                                      * (y.var() / self.num_latents / self.rank).sqrt())
         self._fresh = False
 
+    def _random_start(self, X, t, y, gen):
+        """Random coregionalisation factors and (default kernel) lengthscales in 0.3..3 x the input spread."""
+        self._init_task_terms(t, y)
+        with torch.no_grad():
+            for k, c in zip(self.covariance.kernels, self.covariance.coregs, strict=True):
+                if self._default_kernel:
+                    k.lengthscale = X.std(0).mean().clamp_min(1e-6) * torch.exp(
+                        math.log(0.3) + math.log(10) * torch.rand((), generator=gen, dtype=self.dtype))
+                c.covar_factor.copy_(torch.randn(c.covar_factor.shape, generator=gen, dtype=self.dtype)
+                                     * (y.var() / self.num_latents / self.rank).sqrt())
+
     def _payload(self):
         X, t, y, names = self._train
         return {"config": {"num_tasks": self.num_tasks, "rank": self.rank, "num_latents": self.num_latents,
@@ -297,6 +340,8 @@ class CrossSpectralCovariance(gpytorch.Module):
         self.register_parameter("raw_scales", torch.nn.Parameter(torch.zeros(Q, J, d)))
         self.register_constraint("raw_means", gpytorch.constraints.Positive())
         self.register_constraint("raw_scales", gpytorch.constraints.Positive())
+        # Floor on the spectral bandwidths (set from the data by HMTGP): see HMTGP._build.
+        self.register_buffer("min_scale", torch.zeros(d))
 
     @property
     def means(self):
@@ -304,7 +349,12 @@ class CrossSpectralCovariance(gpytorch.Module):
 
     @property
     def scales(self):
-        return self.raw_scales_constraint.transform(self.raw_scales)
+        return self.raw_scales_constraint.transform(self.raw_scales) + self.min_scale
+
+    def set_scales(self, scales):
+        """Set the bandwidths (each above ``min_scale``) through the raw parameter."""
+        self.raw_scales.copy_(self.raw_scales_constraint.inverse_transform(
+            (torch.as_tensor(scales, dtype=self.raw_scales.dtype) - self.min_scale).expand_as(self.raw_scales)))
 
     def _pair_terms(self):
         """Per (q, q', j): weight (Q, Q, J), mixed frequency mu_p and variance v_p (Q, Q, J, d)."""
@@ -383,9 +433,31 @@ class HMTGP(_MultitaskBase):
             Q, J = c.amplitude.shape
             f = torch.arange(1, Q * J + 1, dtype=self.dtype).reshape(Q, J, 1) / span
             c.raw_means.copy_(c.raw_means_constraint.inverse_transform(f.expand_as(c.raw_means).clone()))
-            c.raw_scales.copy_(c.raw_scales_constraint.inverse_transform((0.5 / span).expand_as(c.raw_scales).clone()))
+            # Bandwidth floor 1/(2 pi span): the envelope exp(-2 pi^2 s^2 tau^2) then decays by at least
+            # e^-1/2 across the observed range. Without it ML-II drives a bandwidth to 0 (a pure,
+            # never-decorrelating sinusoid) on small data sets: higher training likelihood than the
+            # true parameters, and confidently wrong predictions in gaps (measured: held-out NLL 11
+            # against 0.8 for the LMC on data drawn from this model).
+            c.min_scale.copy_(1 / (2 * math.pi * span))
+            c.set_scales(0.5 / span + c.min_scale)
             c.mixing.mul_(y.std())
         self._fresh = False
+
+    def _random_start(self, X, t, y, gen):
+        """Mixing weights, phases and frequencies drawn at random (the default start spreads frequencies
+        over 1..QJ cycles per input range; a restart draws them log-uniformly over 0.3..3QJ cycles)."""
+        self._init_task_terms(t, y)
+        c = self.covariance
+        with torch.no_grad():
+            span = (X.max(0).values - X.min(0).values).clamp_min(1e-6)
+            Q, J = c.amplitude.shape
+            rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=self.dtype)  # noqa: E731
+            c.mixing.copy_(torch.randn(c.mixing.shape, generator=gen, dtype=self.dtype) * y.std() / math.sqrt(Q))
+            c.amplitude.fill_(1 / math.sqrt(J))
+            c.phase.copy_(2 * math.pi * rand(Q, J))
+            f = torch.exp(math.log(0.3) + math.log(10 * Q * J) * rand(*c.raw_means.shape)) / span
+            c.raw_means.copy_(c.raw_means_constraint.inverse_transform(f))
+            c.set_scales(c.min_scale + 0.5 / span * torch.exp(rand(*c.raw_scales.shape) * 2 - 1))
 
     def _payload(self):
         X, t, y, names = self._train
