@@ -6,8 +6,8 @@ with timescales 50, 100, 200 ms, 50 trials x 50 bins of 20 ms, 50 Poisson neuron
 follows latent 2. 40 trials train, 10 are held out.
 
 * MM-GPVAE: ``MultimodalGPVAE(3, (0, 0), n_frequencies=30, bin_width=0.02)``, best of 3 restarts (300 steps
-  each), gradient norm clipped at 100, Adam lr 0.01, batch 10, 3000 minibatch steps (quick: 300), default
-  encoders/decoder.
+  each), gradient norm clipped at 100, Adam lr 0.01 (last fifth at ``final_lr`` 0.001), batch 10, 3000 minibatch
+  steps (quick: 300), default encoders/decoder. Held-out latents also with ``refine=REFINE`` (sites refitted).
 * GPFA: ``GPFA(3, bin_width=0.02).fit(counts, steps=300)`` on the same training spikes.
 
 Reported per seed: latent R² after the best affine map (``r_squared_affine``) on the training trials (MM-GPVAE
@@ -15,9 +15,12 @@ from spikes + images, and from spikes alone; GPFA from spikes), on the held-out 
 (GPFA: ``transform``), pixel R² of the held-out images predicted from spikes alone, fit time and time per
 epoch (one pass over the 40 training trials).
 
-Cost rows: one training step (forward + backward, batch 10, same default encoder/decoder) of GPVAE
-(state-space GP prior, Kalman smoother) against the same networks with an i.i.d. N(0, I) prior (a plain
-VAE: q(z_t) = N(0, I) x site, closed-form KL per step); and GPVAE step time for T = 100 ... 10,000.
+Cost rows: one training step (forward + backward, same default encoder/decoder) of GPVAE (dense posterior for
+T <= dense_max = 128, Kalman smoother above; both timed at T = 100) against the same networks with an i.i.d.
+N(0, I) prior (a plain VAE: q(z_t) = N(0, I) x site, closed-form KL per step), for T = 100 ... 10,000, and the
+log-log slope of the Kalman path's step time over T.
+Co-smoothing: on the held-out trials the even neurons are held in, the odd ones scored (bits/spike against each
+neuron's mean rate; ``latentgp.cosmoothing``); "true rates" scores the simulation's own rates (the ceiling).
 Timings are on a shared 2-core machine under load from other jobs: noisy, compare ratios from the same run.
 
 Run:  .venv/bin/python benchmarks/bench_gpvae.py [--quick]
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from common import append_rows, describe, machine, markdown_table, median, paired_ratio, time_interleaved
 
+from latentgp.cosmoothing import co_smoothing, co_smoothing_score
 from latentgp.models.gpfa import GPFA
 from latentgp.models.gpvae import GPVAE
 from latentgp.models.mmgpvae import MultimodalGPVAE
@@ -40,24 +44,28 @@ from latentgp.simulate_blob import simulate_blob_spikes
 BW, TAUS = 0.02, (0.05, 0.1, 0.2)
 N_TRAIN, N_TEST, N_BINS, N_NEURONS = 40, 10, 50, 50
 RESTARTS = 3  # best-of-3 starts (restart_steps = steps / 10): the fit is seed-sensitive
+REFINE = 50  # L-BFGS iterations fitting q's sites to held-out spikes after the encoder (latents(refine=...))
+HELD_IN = np.arange(0, N_NEURONS, 2)  # co-smoothing: even neurons held in, odd ones scored
+FIT = {"lr": 0.01, "batch_size": 10, "restarts": RESTARTS, "max_grad_norm": 100.0, "final_lr": 0.001}
 
 
 def pixel_r2(pred, true):
     return 1 - float(((pred - true) ** 2).sum() / ((true - true.mean()) ** 2).sum())
 
 
-def run_seed(seed: int, steps: int) -> dict:
+def run_seed(seed: int, steps: int, **fit) -> dict:
     D = simulate_blob_spikes(N_TRAIN + N_TEST, N_BINS, N_NEURONS, TAUS, BW, seed=seed)
     tr, te = slice(0, N_TRAIN), slice(N_TRAIN, None)
     x, counts, images = D["latents"], D["counts"], D["images"]
     t0 = time.perf_counter()
     mm = MultimodalGPVAE(3, (0, 0), n_frequencies=30, bin_width=BW)
-    mm.fit(counts[tr], images[tr], steps=steps, lr=0.01, batch_size=10, seed=seed, progress=False,
-           restarts=RESTARTS, restart_steps=max(1, steps // 10), max_grad_norm=100.0)
+    mm.fit(counts[tr], images[tr], steps=steps, seed=seed, progress=False, restart_steps=max(1, steps // 10),
+           **(FIT | fit))
     t_mm = time.perf_counter() - t0
     t0 = time.perf_counter()
     gpfa = GPFA(3, bin_width=BW).fit(counts[tr], steps=300, progress=False)
     t_gpfa = time.perf_counter() - t0
+    out = np.setdiff1d(np.arange(N_NEURONS), HELD_IN)
     return {
         "seed": seed,
         "R2 MM-GPVAE (spikes+images)": r_squared_affine(mm.latents(), x[tr]),
@@ -65,7 +73,15 @@ def run_seed(seed: int, steps: int) -> dict:
         "R2 GPFA": r_squared_affine(gpfa.latents(), x[tr]),
         "held-out R2 MM-GPVAE (spikes)": r_squared_affine(mm.latents(spikes=counts[te]), x[te]),
         "held-out R2 GPFA": r_squared_affine(gpfa.transform(counts[te]), x[te]),
+        "held-out R2 MM-GPVAE (spikes, refined)": r_squared_affine(mm.latents(spikes=counts[te], refine=REFINE),
+                                                                  x[te]),
         "held-out pixel R2 from spikes": pixel_r2(mm.predict_behaviour(counts[te], seed=0), images[te]),
+        "held-out pixel R2 from spikes (refined)": pixel_r2(mm.predict_behaviour(counts[te], seed=0, refine=REFINE),
+                                                            images[te]),
+        "co-smoothing bits/spike MM-GPVAE": co_smoothing(mm, counts[te], HELD_IN)["bits_per_spike"],
+        "co-smoothing bits/spike GPFA": co_smoothing(gpfa, counts[te], HELD_IN)["bits_per_spike"],
+        "co-smoothing bits/spike true rates": co_smoothing_score(counts[te][..., out], D["rates"][te][..., out],
+                                                                 BW)["bits_per_spike"],
         "fit s MM-GPVAE": t_mm,
         "s/epoch MM-GPVAE": t_mm / (steps * 10 / N_TRAIN),
         "fit s GPFA": t_gpfa,
@@ -82,42 +98,40 @@ def plain_vae_loss(model: GPVAE, y):
     return -(model._log_density(y, model.net.decoder(z)).sum((-1, -2)) - kl).sum()
 
 
-def step_costs(repeats: int, lengths) -> list[dict]:
+def _step(model: GPVAE, y, plain: bool = False):
+    def step():
+        model.net.zero_grad()
+        (plain_vae_loss(model, y) if plain else -model.elbo_terms(y)["elbo"].sum()).backward()
+    return step
+
+
+def step_costs(repeats: int, cases) -> list[dict]:
+    """Per (batch, T): one training step of GPVAE as dispatched by default (dense for T <= dense_max), of GPVAE on
+    the Kalman path (dense_max=0; the same model when T > dense_max) and of the plain VAE, interleaved."""
     rows = []
     rng = np.random.default_rng(0)
-    Y = rng.standard_normal((10, 100, 20))
-    model = GPVAE(3).fit(Y, steps=0, progress=False)
-    y = model._train
-
-    def gp_step():
-        model.net.zero_grad()
-        (-model.elbo_terms(y)["elbo"].sum()).backward()
-
-    def plain_step():
-        model.net.zero_grad()
-        plain_vae_loss(model, y).backward()
-
-    times = time_interleaved({"gp": gp_step, "plain": plain_step}, repeats=repeats)
-    rows.append({"what": "step, batch 10 x T=100, D=20, L=3", "GPVAE ms": 1e3 * median(times["gp"]),
-                 "plain VAE ms": 1e3 * median(times["plain"]),
-                 "GPVAE / plain": paired_ratio(times["gp"], times["plain"])})
-    for T in lengths:
-        Y = rng.standard_normal((4, T, 20))
-        m = GPVAE(3).fit(Y, steps=0, progress=False)
-        yy = m._train
-
-        def step(m=m, yy=yy):
-            m.net.zero_grad()
-            (-m.elbo_terms(yy)["elbo"].sum()).backward()
-
-        def plain(m=m, yy=yy):
-            m.net.zero_grad()
-            plain_vae_loss(m, yy).backward()
-
-        t = time_interleaved({"gp": step, "plain": plain}, repeats=max(2, repeats // 2))
-        rows.append({"what": f"step, batch 4 x T={T}", "GPVAE ms": 1e3 * median(t["gp"]),
-                     "plain VAE ms": 1e3 * median(t["plain"]), "GPVAE / plain": paired_ratio(t["gp"], t["plain"])})
+    for batch, T in cases:
+        Y = rng.standard_normal((batch, T, 20))
+        model = GPVAE(3).fit(Y, steps=0, progress=False, seed=0)
+        kalman = GPVAE(3, dense_max=0).fit(Y, steps=0, progress=False, seed=0)
+        fns = {"gp": _step(model, model._train), "plain": _step(model, model._train, plain=True)}
+        if T <= model.config["dense_max"]:
+            fns["kalman"] = _step(kalman, kalman._train)
+        t = time_interleaved(fns, repeats=repeats if T <= 1000 else max(3, repeats // 3))
+        kal = t.get("kalman", t["gp"])
+        rows.append({"what": f"step, batch {batch} x T={T}, D=20, L=3",
+                     "path": "dense" if "kalman" in fns else "Kalman",
+                     "GPVAE ms": 1e3 * median(t["gp"]), "GPVAE Kalman-path ms": 1e3 * median(kal),
+                     "plain VAE ms": 1e3 * median(t["plain"]), "GPVAE / plain": paired_ratio(t["gp"], t["plain"]),
+                     "Kalman / plain": paired_ratio(kal, t["plain"])})
     return rows
+
+
+def slope(rows, key: str) -> float:
+    """Log-log slope of ``key`` against T over the batch-4 rows (1 = linear)."""
+    pts = [(int(r["what"].split("T=")[1].split(",")[0]), r[key]) for r in rows if "batch 4" in r["what"]]
+    T, ms = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(T, ms, 1)[0])
 
 
 def main(quick: bool = False) -> str:
@@ -129,10 +143,13 @@ def main(quick: bool = False) -> str:
     keys = [k for k in rows[0] if k != "seed"]
     summary = {"seed": "mean"} | {k: float(np.mean([r[k] for r in rows])) for k in keys}
     fmt = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows + [summary]]
-    costs = step_costs(5 if quick else 11, [100, 1000] if quick else [100, 1000, 10000])
+    cases = [(10, 100), (4, 100), (4, 1000)] + ([] if quick else [(4, 10000)])
+    costs = step_costs(5 if quick else 11, cases)
     fmt_costs = [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in costs]
     out = (f"MM-GPVAE vs GPFA ({steps} Adam steps; {describe(info)})\n\n" + markdown_table(fmt)
-           + "\n\nGPVAE step cost vs a plain VAE (same networks)\n\n" + markdown_table(fmt_costs))
+           + "\n\nGPVAE step cost vs a plain VAE (same networks)\n\n" + markdown_table(fmt_costs)
+           + f"\n\nlog-log slope of the Kalman-path step time over T (batch 4): "
+           f"{slope(costs, 'GPVAE Kalman-path ms'):.2f}")
     print(out)
     append_rows("gpvae" + ("_quick" if quick else ""), rows, info)
     append_rows("gpvae_cost" + ("_quick" if quick else ""), costs, info)

@@ -175,6 +175,37 @@ def test_mmgpvae_fit_and_cross_modal(fitted, blob):
     assert rates.shape == blob["counts"][20:].shape and (rates > 0).all()
 
 
+def test_refine_raises_the_spike_elbo_and_held_out_r2(fitted, blob):
+    """Fitting q's sites to new spikes after the encoder can only raise the (closed-form) spike ELBO, and here
+    it recovers the held-out latents better than the encoder alone."""
+    counts, x = blob["counts"][20:], blob["latents"][20:]
+    y = torch.as_tensor(counts, dtype=torch.float64)
+
+    @torch.no_grad()
+    def spike_elbo(post):
+        mu, v = fitted._spike_rate_moments(*fourier_marginals(post, fitted._basis))
+        return float(fitted.likelihood.expected(y, mu, v)[0].sum() - post.kl.sum())
+
+    enc = fitted._marginals(counts, None)[0]
+    ref = fitted._marginals(counts, None, refine=30)[0]
+    assert spike_elbo(ref) > spike_elbo(enc) + 1.0
+    r2_enc = r_squared_affine(fitted.latents(spikes=counts), x)
+    r2_ref = r_squared_affine(fitted.latents(spikes=counts, refine=30), x)
+    assert r2_ref > r2_enc and r2_ref > 0.85
+    with pytest.raises(ValueError, match="refine"):
+        fitted.latents(spikes=counts, behaviour=blob["images"][20:], refine=5)
+    with pytest.raises(TypeError, match="refine"):
+        fitted.latents(spikes=counts, refine=0.5)
+
+
+def test_final_lr_phase_in_history(blob):
+    m = MultimodalGPVAE(2, (0, 0), n_frequencies=4, bin_width=0.02, hidden=8)
+    m.fit(blob["counts"][:4], blob["images"][:4], steps=10, final_lr=1e-3, progress=False, seed=0)
+    assert list(m.history.step) == list(range(10))
+    with pytest.raises(ValueError, match="final_lr"):
+        m.fit(blob["counts"][:4], blob["images"][:4], steps=10, final_lr=-1.0)
+
+
 def test_mmgpvae_save_load(fitted, tmp_path):
     import latentgp.io as lio
 

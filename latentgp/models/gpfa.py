@@ -392,6 +392,33 @@ class GPFA(Model):
             mean = mean @ self._orth_map()[1].T
         return mean.numpy().copy()
 
+    def heldout_rates(self, counts_in, held_in) -> np.ndarray:
+        """Co-smoothing (:mod:`latentgp.cosmoothing`): rates (per unit time) of every neuron, from the latents'
+        exact posterior given only the ``held_in`` neurons' counts ``counts_in`` (trials, bins, len(held_in)).
+
+        GPFA models u = sqrt(count) (default) as N(C x + d, R): the expected count is E[u²] = (C μ_t + d)² +
+        C Σ_t Cᵀ + R, positive, with the posterior mean μ_t and covariance Σ_t of x_t. Without the square root
+        the expected count is C μ_t + d, floored at 1e-6 counts per bin."""
+        from ..cosmoothing import check_neuron_split
+
+        self._require_fitted("heldout_rates()")
+        par = self._params
+        idx = check_neuron_split(held_in, par["C"].shape[0])
+        arr = self._check(counts_in, "counts_in")
+        if arr.shape[2] != len(idx):
+            raise ValueError(f"`counts_in` has {arr.shape[2]} neurons; `held_in` lists {len(idx)}.")
+        sel = torch.as_tensor(idx)
+        post = e_step(self._transform(arr), par["C"][sel], par["d"][sel], par["R"][sel], torch.exp(par["log_tau"]))
+        N, p, T = post.mean.shape
+        mean = post.mean.transpose(1, 2) @ par["C"].T + par["d"]  # (N, T, neurons)
+        if self.config["sqrt_transform"]:
+            cov_t = post.cov.reshape(p, T, p, T).diagonal(dim1=1, dim2=3).permute(2, 0, 1)  # (T, p, p) per bin
+            var = torch.einsum("np,tpq,nq->tn", par["C"], cov_t, par["C"])
+            expected = mean**2 + var + par["R"]
+        else:
+            expected = mean.clamp_min(1e-6)
+        return (expected / self.config["bin_width"]).numpy()
+
     # ------------------------------------------------------------------ save / load
     def _payload(self) -> dict:
         self._require_fitted("save()")

@@ -6,7 +6,10 @@ Poisson (log rate) or Bernoulli (logit) likelihood.
 
 Amortised posterior: an encoder maps the sequence to Gaussian sites N(ỹ_ntl; z_l(t), 1/λ_ntl), and
 q(z_n) = p(z_n) Π t / Z — a Gauss-Markov posterior with the prior's temporal correlations, computed by
-one O(T) Kalman smoothing pass per latent (:mod:`latentgp.variational.amortised`). Then
+one O(T) Kalman smoothing pass per latent (:mod:`latentgp.variational.amortised`), or, in training on
+sequences of at most ``dense_max`` steps, exactly the same q with dense T x T matrices
+(:mod:`latentgp.variational.amortised_dense`: one Cholesky per sequence and latent instead of ~log2 T scan
+levels of small calls, which dominate the step time at short T). Then
 
     ELBO = Σ_n E_q[log p(y_n | z_n)] - KL(q_n ‖ p),   KL = E_q[Σ log t] - log Z   (closed form),
 
@@ -27,9 +30,10 @@ from ..io import register_model
 from ..kernels import Matern, state_space_form
 from ..variational.amortised import (
     diagonal_sites,
+    gp_prior,
     markov_posterior,
-    markov_posterior_and_samples,
     markov_prior,
+    posterior_and_samples,
     sample_markov_posterior,
 )
 from .base import Model
@@ -51,9 +55,10 @@ from .vae_parts import (
 def gpvae_elbo(prior, encoder_out, y, decode, log_density, num_samples: int = 1, generator=None):
     """ELBO terms per sequence for sites ``encoder_out`` = (mean, precision) (B, T, L) and data y (B, T, D).
 
+    ``prior``: from :func:`~latentgp.variational.amortised.gp_prior` (dense or state space; same numbers).
     ``decode``: z (S, B, T, L) -> η; ``log_density(y, η)`` elementwise. Returns dict with ``loglik`` (B,)
     (Monte-Carlo average over ``num_samples`` draws from q), ``kl`` (B,) (exact) and ``elbo`` (B,)."""
-    post, z = markov_posterior_and_samples(prior, diagonal_sites(*encoder_out), num_samples, generator)
+    post, z = posterior_and_samples(prior, *encoder_out, num_samples, generator)
     loglik = log_density(y, decode(z)).sum((-1, -2)).mean(0)
     return {"loglik": loglik, "kl": post.kl, "elbo": loglik - post.kl, "posterior": post}
 
@@ -77,11 +82,16 @@ class GPVAE(Model):
     min_noise : float
         Gaussian likelihood only: floor on each feature's noise variance, relative to its data variance
         (keeps the likelihood bounded on noiseless data).
+    dense_max : int
+        Training on sequences of at most this many steps computes q and its KL with dense T x T matrices
+        (one Cholesky per sequence and latent: few large calls, faster for short sequences); longer ones use
+        the O(T) Kalman smoother (also when a minibatch's T x T temporaries would exceed 128 MiB). Both are
+        exact. 0 = always Kalman.
     """
 
     def __init__(self, latent_dim: int, kernel=None, encoder=None, decoder=None, likelihood="gaussian", *,
                  hidden: int = 64, context: int = 2, bin_width: float = 1.0, min_noise: float = 1e-3,
-                 dtype=DEFAULT_DTYPE):
+                 dense_max: int = 128, dtype=DEFAULT_DTYPE):
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.likelihood = resolve_likelihood(likelihood, check_positive(bin_width, "bin_width"))
         for name, net in (("encoder", encoder), ("decoder", decoder)):
@@ -99,6 +109,7 @@ class GPVAE(Model):
         self.config = {"latent_dim": self.latent_dim, "likelihood": self.likelihood.name, "hidden": int(hidden),
                        "context": int(context), "bin_width": float(bin_width),
                        "min_noise": float(check_positive(min_noise, "min_noise")),
+                       "dense_max": check_int(dense_max, "dense_max"),
                        "custom_encoder": encoder is not None, "custom_decoder": decoder is not None}
         self.dtype = dtype
         self.net = nn.Module()
@@ -139,7 +150,8 @@ class GPVAE(Model):
 
     def elbo_terms(self, Y, num_samples: int = 1, generator=None, prior=None):
         """ELBO terms per sequence (dict of tensors, see :func:`gpvae_elbo`) at the current parameters."""
-        prior = markov_prior(self.net.kernel, self._times) if prior is None else prior
+        if prior is None:
+            prior = gp_prior(self.net.kernel, self._times, self.config["dense_max"], len(Y))
         return gpvae_elbo(prior, self._encode(Y), Y, self.net.decoder, self._log_density, num_samples, generator)
 
     # ------------------------------------------------------------------ fitting

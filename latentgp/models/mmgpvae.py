@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gpytorch
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -239,8 +240,8 @@ class MultimodalGPVAE(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, spikes, behaviour, *, steps: int = 1000, lr: float = 0.01, batch_size: int | None = None,
             num_samples: int = 1, modality_dropout: float = 0.25, learn_kernel: bool = True, restarts: int = 1,
-            restart_steps: int = 300, max_grad_norm: float | None = None, progress=None, tol: float | None = None,
-            seed=None):
+            restart_steps: int = 300, max_grad_norm: float | None = None, final_lr: float | None = None, progress=None,
+            tol: float | None = None, seed=None):
         """Adam on the ELBO over minibatches of sequences; history loss = -ELBO per (sequence x bin).
 
         ``restarts`` > 1 (default networks only): that many fresh initialisations are each trained for
@@ -248,6 +249,8 @@ class MultimodalGPVAE(Model):
         fit is seed-sensitive (a poor start can end in a poor local optimum); restarts trade time for it.
         ``max_grad_norm``: clip Adam's gradient norm and skip non-finite steps (:func:`latentgp.fit.optimize`);
         set it (e.g. 100) if a fit diverges -- a rare exploding minibatch can send the encoder to NaN.
+        ``final_lr``: the last fifth of ``steps`` runs as a second Adam phase at this learning rate (e.g. lr / 10):
+        with single-sample stochastic gradients a constant lr keeps the parameters jittering around an optimum.
         """
         y = self._check_spikes(spikes, against_fit=False)  # a refit may change the data's shapes
         N, T, n_neurons = y.shape
@@ -263,6 +266,7 @@ class MultimodalGPVAE(Model):
             raise ValueError(f"`spikes` needs at least 2 bins per sequence; got {T}.")
         restarts, restart_steps = check_int(restarts, "restarts", 1), check_int(restart_steps, "restart_steps", 1)
         max_grad_norm = check_positive(max_grad_norm, "max_grad_norm", allow_none=True)
+        final_lr = check_positive(final_lr, "final_lr", allow_none=True)
         if restarts > 1 and any(v for k, v in self.config.items() if k.startswith("custom_")):
             raise ValueError("`restarts` > 1 re-initialises the default networks; it cannot be used with networks "
                              "you supplied (run several fits with different seeds instead).")
@@ -299,9 +303,14 @@ class MultimodalGPVAE(Model):
                 if restarts > 1:
                     self._best_of_restarts(restarts, restart_steps, loss, trainable, lr, kernel_start,
                                            (n_neurons, b.shape[-1], y, b), max_grad_norm)
-                self.history = optimize(loss, trainable(), method="adam", steps=steps, lr=lr, progress=progress,
-                                        tol=tol, record=self._record, desc="MM-GPVAE",
-                                        max_grad_norm=max_grad_norm) if steps else None
+                tail = steps // 5 if final_lr is not None else 0
+                phases = [(n, rate) for n, rate in ((steps - tail, lr), (tail, final_lr)) if n]
+                parts = [optimize(loss, trainable(), method="adam", steps=n, lr=rate, progress=progress, tol=tol,
+                                  record=self._record, desc="MM-GPVAE", max_grad_norm=max_grad_norm)
+                         for n, rate in phases]
+                if len(parts) == 2:
+                    parts[1] = parts[1].assign(step=parts[1]["step"] + parts[0]["step"].max() + 1)
+                self.history = pd.concat(parts, ignore_index=True) if parts else None
         return self
 
     def _best_of_restarts(self, restarts, restart_steps, loss, trainable, lr, kernel_start, build_args,
@@ -345,25 +354,39 @@ class MultimodalGPVAE(Model):
             raise ValueError(f"Sequences have {T} bins; the model's Fourier grid has {len(self.times_)}.")
         return y, b
 
-    def _marginals(self, spikes, behaviour):
+    def _marginals(self, spikes, behaviour, refine: int = 0):
+        refine = check_int(refine, "refine")
+        if refine and (spikes is None or behaviour is not None):
+            raise ValueError("`refine` applies to inference from spikes alone: pass `spikes` and no `behaviour`.")
         y, b = self._inputs(spikes, behaviour)
+        if refine:  # start from the encoder's sites, then fit them to these spikes (closes the amortisation gap)
+            with torch.no_grad():
+                mean0, prec0 = self._sites(y, None)
+            post = self._fit_sites(y, torch.arange(y.shape[2]), refine, mean0, prec0)
+        else:
+            with torch.no_grad():
+                post = self.posterior(y, b)
         with torch.no_grad():
-            post = self.posterior(y, b)
             return post, *fourier_marginals(post, self._basis)
 
-    def latents(self, spikes=None, behaviour=None) -> np.ndarray:
+    def latents(self, spikes=None, behaviour=None, refine: int = 0) -> np.ndarray:
         """Posterior means (sequences, time, shared + private latents) from the given modalities
-        (default: both training modalities). Latents a modality does not see stay at the prior (0)."""
-        return self._marginals(spikes, behaviour)[1].numpy()
+        (default: both training modalities). Latents a modality does not see stay at the prior (0).
 
-    def latent_variance(self, spikes=None, behaviour=None) -> np.ndarray:
-        return self._marginals(spikes, behaviour)[2].numpy()
+        ``refine`` > 0 (spikes alone): after the encoder, fit q's sites to these spikes by that many L-BFGS
+        iterations on the closed-form spike ELBO -- the encoder is only an approximation of the best q
+        (the amortisation gap), which matters most on new trials."""
+        return self._marginals(spikes, behaviour, refine)[1].numpy()
 
-    def predict_behaviour(self, spikes=None, behaviour=None, num_samples: int = 32, seed=None) -> np.ndarray:
+    def latent_variance(self, spikes=None, behaviour=None, refine: int = 0) -> np.ndarray:
+        return self._marginals(spikes, behaviour, refine)[2].numpy()
+
+    def predict_behaviour(self, spikes=None, behaviour=None, num_samples: int = 32, seed=None,
+                          refine: int = 0) -> np.ndarray:
         """E_q[decoder(z)] (sequences, time, *shape), q inferred from the modalities passed: ``spikes`` alone
         is the cross-modal prediction; ``behaviour`` too (or only) gives a reconstruction; neither: the
-        training data with both modalities."""
-        post = self._marginals(spikes, behaviour)[0]
+        training data with both modalities. ``refine``: as in :meth:`latents`."""
+        post = self._marginals(spikes, behaviour, refine)[0]
         with torch.no_grad(), seeded(seed):
             z = sample_fourier_posterior(post, self._basis, check_int(num_samples, "num_samples", 1))
             out = self.net.behaviour_decoder(z[..., self._beh_idx]).mean(0)
@@ -375,6 +398,50 @@ class MultimodalGPVAE(Model):
         _, mean, var = self._marginals(spikes, behaviour)
         with torch.no_grad():
             mu, v = self._spike_rate_moments(mean, var)
+            return torch.exp(mu + 0.5 * v).numpy()
+
+    def _fit_sites(self, y, idx, steps: int, mean0, prec0):
+        """q = prior x free Gaussian sites (a mean and log-precision per bin and latent, from ``mean0``, ``prec0``)
+        fitted by L-BFGS (``steps``) on the closed-form ELBO of the spikes of neurons ``idx`` (``y`` holds just
+        those), readout and kernel fixed: non-amortised inference in the fitted model. Returns q (no grad)."""
+        with torch.no_grad():
+            d = fourier_prior_variances(self.net.kernel, self.config["n_frequencies"], self.period_)
+            C, off = self.net.C.detach()[:, idx], self.net.d.detach()[idx]
+        site_mean = mean0.detach().clone().requires_grad_(True)
+        site_logprec = prec0.detach().clamp_min(1e-6).log().requires_grad_(True)
+
+        def loss():
+            post = fourier_posterior(d, self._basis, site_mean, torch.exp(site_logprec))
+            mean, var = fourier_marginals(post, self._basis)
+            ll = self.likelihood.expected(y, mean[..., self._spk_idx] @ C + off, var[..., self._spk_idx] @ C ** 2)[0]
+            return -(ll.sum() - post.kl.sum()) / y.shape[:2].numel()
+
+        with torch_threads(1):
+            optimize(loss, [site_mean, site_logprec], method="lbfgs", steps=steps, progress=False)
+        with torch.no_grad():
+            return fourier_posterior(d, self._basis, site_mean, torch.exp(site_logprec))
+
+    def heldout_rates(self, spikes_in, held_in, *, steps: int = 100) -> np.ndarray:
+        """Co-smoothing: rates E_q[exp η] per unit time of every neuron (sequences, time, neurons), with q
+        inferred from the ``held_in`` neurons' counts ``spikes_in`` (sequences, time, len(held_in)) alone.
+
+        The spike encoder was trained on all neurons and cannot take a subset, so q keeps its form (prior x
+        Gaussian sites) but its sites are fitted to these sequences (:meth:`_fit_sites`, ``steps`` L-BFGS
+        iterations from the prior) on the held-in neurons' Poisson likelihood. Scores:
+        :func:`latentgp.cosmoothing.co_smoothing`."""
+        from ..cosmoothing import check_neuron_split
+
+        self._require_fitted("heldout_rates()")
+        idx = torch.as_tensor(check_neuron_split(held_in, self.net.C.shape[1]))
+        y = self._check_spikes(spikes_in, "spikes_in", against_fit=False)
+        if y.shape[2] != len(idx) or y.shape[1] != len(self.times_):
+            raise ValueError(f"`spikes_in` has shape {tuple(y.shape)}; expected (sequences, {len(self.times_)}, "
+                             f"{len(idx)}) for these held-in neurons.")
+        steps = check_int(steps, "steps", 1)
+        zeros = torch.zeros(*y.shape[:2], self.n_latents, dtype=self.dtype)
+        post = self._fit_sites(y, idx, steps, zeros, torch.ones_like(zeros))
+        with torch.no_grad():
+            mu, v = self._spike_rate_moments(*fourier_marginals(post, self._basis))
             return torch.exp(mu + 0.5 * v).numpy()
 
     def elbo(self, num_samples: int = 64, seed=None) -> float:

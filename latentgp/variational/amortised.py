@@ -124,6 +124,32 @@ def markov_posterior_and_samples(prior: MarkovPrior, sites: Sites, num_samples: 
     return post, draws
 
 
+DENSE_BUDGET = 2 ** 24  # entries of one (sequences, latents, T, T) temporary of the dense path (128 MiB in float64)
+
+
+def gp_prior(kernel, times: torch.Tensor, dense_max: int = 0, batch: int = 1):
+    """The prior in the form its posterior is cheapest in: dense (K, M) for T <= ``dense_max`` (a few large
+    batched calls), state space otherwise (O(T) Kalman scans, whose many small calls dominate at short T).
+    The dense path also needs ``batch`` x latents x T² <= ``DENSE_BUDGET`` (its T x T temporaries)."""
+    from .amortised_dense import dense_prior
+
+    T, L = len(times), int(kernel.batch_shape.numel())
+    if T <= dense_max and batch * L * T * T <= DENSE_BUDGET:
+        return dense_prior(kernel, times)
+    return markov_prior(kernel, times)
+
+
+def posterior_and_samples(prior, mean: torch.Tensor, precision: torch.Tensor, num_samples: int, generator=None):
+    """(posterior with mean, kl, log_z; draws (num_samples, B, T, L)) for sites ``mean``, ``precision`` (B, T, L),
+    by the dense or the Kalman computation according to the type of ``prior`` (:func:`gp_prior`). Both are
+    exact; the dense posterior's ``var`` is None (it would cost an extra T³ product per sequence)."""
+    from .amortised_dense import DensePrior, dense_posterior_and_samples
+
+    if isinstance(prior, DensePrior):
+        return dense_posterior_and_samples(prior, mean, precision, num_samples, generator)
+    return markov_posterior_and_samples(prior, diagonal_sites(mean, precision), num_samples, generator)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fourier domain (MM-GPVAE)
 # --------------------------------------------------------------------------------------------------
