@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from latentgp.linalg.sic import (
     SparseInverseCholesky,
@@ -99,8 +100,11 @@ def test_operator_ops_match_dense(rng):
     torch.testing.assert_close(U.solve(B), torch.linalg.solve_triangular(Ud, B, upper=True), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(U.mT.solve(B), torch.linalg.solve_triangular(Ud.T, B, upper=False),
                                rtol=1e-9, atol=1e-9)
-    with pytest.raises(NotImplementedError, match="not differentiable"):  # never a silently dropped gradient
-        U.mT.solve(B.clone().requires_grad_(True))
+    # the transposed solve (used to draw q's centred field) is differentiable in U and b
+    vals = U.values.detach().clone().requires_grad_(True)
+    mask = pattern_mask(U.pattern)
+    assert torch.autograd.gradcheck(lambda v, b: SparseInverseCholesky(v * mask, U.pattern).mT.solve(b),
+                                    (vals, B[:, :2].clone().requires_grad_(True)))
     assert U.logdet().item() == pytest.approx(torch.logdet(Ud).item(), rel=1e-10)
     torch.testing.assert_close(U.diagonal(), torch.diagonal(Ud))
     torch.testing.assert_close(U.inverse_covariance_matmul(B), Ud @ Ud.T @ B)
@@ -153,3 +157,16 @@ def test_ordering_scales_to_1e5(rng):
     t0 = time.perf_counter()
     maximin_ordering(X)
     assert time.perf_counter() - t0 < 30
+
+
+def test_reference_pattern_is_trimmed_to_the_found_neighbours(rng):
+    """Without a cap, prediction patterns must not be padded to the whole training set (memory)."""
+    ref = rng.uniform(size=(500, 2))
+    q = rng.uniform(size=(40, 2))
+    d, _ = cKDTree(ref).query(q)
+    nb = sic_pattern(q, 2.0, d, None, reference=ref)
+    found = (nb >= 0).sum(1)
+    assert nb.shape[1] == found.max() < 50
+    # every listed neighbour lies within the radius, and none within it is missing
+    dist = np.sqrt(((q[:, None] - ref[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(found, (dist <= 2.0 * d[:, None]).sum(1))

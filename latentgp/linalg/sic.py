@@ -25,14 +25,14 @@ import heapq
 import numpy as np
 import torch
 from linear_operator.operators import LinearOperator
-from scipy.sparse import csr_array
+from scipy.sparse import csc_array, csr_array
 from scipy.sparse.linalg import spsolve_triangular
 from scipy.spatial import cKDTree
 
 from .cholesky import safe_cholesky
 
 __all__ = ["maximin_ordering", "sic_pattern", "SparseInverseCholesky", "check_points", "sic_columns",
-           "ancestor_closure"]
+           "ancestor_closure", "transposed_solve", "triangular_structure"]
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -167,7 +167,9 @@ def sic_pattern(X, rho: float, lengthscales, max_neighbors: int | None = 30, *, 
     if reference is not None:
         ref = _scale(_as_points(reference, "reference"), ard)
         cap = ref.shape[0] if m is None else min(m, ref.shape[0])
-        return _knn_within(cKDTree(ref), pts, radius, cap, np.full(n, ref.shape[0]))
+        nb = _knn_within(cKDTree(ref), pts, radius, cap, np.full(n, ref.shape[0]))
+        # Trim the padding to the widest row (without a cap, width `cap` would be all of `reference`).
+        return nb[:, :max(1, int((nb >= 0).sum(1).max()))]
     cap = n - 1 if m is None else m
     nb = np.full((n, max(cap, 1)), -1, dtype=np.int64)
     # Blocks [b/2, b): a tree on the first b points holds every earlier point, and about half of any
@@ -278,17 +280,74 @@ class _UpperSolve(torch.autograd.Function):
         return gv, None, gb
 
 
+def triangular_structure(rows: np.ndarray):
+    """Compressed sparse index arrays of U, precomputable once per pattern (no per-solve sorting).
+
+    Returns ``(perm, indices, indptr)``: U's real entries (padding dropped) grouped by row and sorted by
+    column, as CSR arrays of U -- equivalently CSC arrays of Uᵀ -- with ``values.ravel()[perm]`` their data."""
+    rows = np.asarray(rows)
+    n, M = rows.shape
+    cols = np.repeat(np.arange(n), M)
+    r = rows.ravel()
+    real = r != cols
+    real[::M] = True
+    idx = np.flatnonzero(real)
+    perm = idx[np.lexsort((cols[idx], r[idx]))]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r[perm], minlength=n))])
+    return perm, cols[perm].astype(np.int32), indptr.astype(np.int32)
+
+
+def _unit_solve(kind, structure, values: np.ndarray, rows: np.ndarray, rhs: np.ndarray, transposed: bool):
+    """Solve U x = rhs (or Uᵀ x = rhs) after scaling each equation by its diagonal entry, so that the
+    canonical compressed arrays are used as they are (SuperLU through ``spsolve_triangular``)."""
+    perm, indices, indptr = structure
+    diag = values[:, 0]
+    scale = diag[:, None] if transposed else diag[rows]   # the equation each stored entry belongs to
+    A = kind(((values / scale).ravel()[perm], indices, indptr), shape=(len(diag), len(diag)))
+    A.has_canonical_format = True
+    b = rhs / diag.reshape((-1,) + (1,) * (rhs.ndim - 1))
+    return spsolve_triangular(A, b, lower=transposed, unit_diagonal=True, overwrite_A=True, overwrite_b=True)
+
+
+class _TransposedSolve(torch.autograd.Function):
+    """g = U⁻ᵀ ε (forward substitution: g_c needs only g at c's neighbours, i.e. its ancestors).
+
+    Backward: with h = U⁻¹ ∂g, ∂ε = h and ∂U[r, c] = -h_c g_r (from Uᵀ g = ε)."""
+
+    @staticmethod
+    def forward(ctx, values, rows, eps, structure):
+        v, r = values.detach().cpu().numpy(), rows.cpu().numpy()
+        structure = triangular_structure(r) if structure is None else structure
+        # CSC arrays of Uᵀ (lower triangular) = the CSR arrays of U.
+        g = _unit_solve(csc_array, structure, v, r, eps.detach().cpu().numpy(), transposed=True)
+        g = torch.as_tensor(np.asarray(g).reshape(eps.shape), dtype=eps.dtype)
+        ctx.save_for_backward(values, rows, g)
+        ctx.structure = structure
+        return g
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, rows, g = ctx.saved_tensors
+        v, r = values.detach().cpu().numpy(), rows.cpu().numpy()
+        h = _unit_solve(csr_array, ctx.structure, v, r, grad.detach().cpu().numpy(), transposed=False)
+        h = torch.as_tensor(np.asarray(h).reshape(grad.shape), dtype=grad.dtype)
+        g2, h2 = g.reshape(g.shape[0], -1), h.reshape(h.shape[0], -1)
+        gv = -(g2[rows] * h2.unsqueeze(1)).sum(-1)
+        return gv, None, h, None
+
+
+def transposed_solve(values: torch.Tensor, rows: torch.Tensor, eps: torch.Tensor, structure=None) -> torch.Tensor:
+    """U⁻ᵀ eps for the padded upper-triangular U (differentiable in ``values`` and ``eps``).
+
+    If eps ~ N(0, I), U⁻ᵀ eps ~ N(0, (U Uᵀ)⁻¹): a draw of the centred field. The rows ``rows`` may be a
+    local numbering of an ancestor-closed subset: the solve restricted to it is exact. ``structure``:
+    :func:`triangular_structure` of ``rows``, when solving repeatedly with the same pattern."""
+    return _TransposedSolve.apply(values, rows, eps, structure)
+
+
 def upper_solve(values: torch.Tensor, rows: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """U⁻¹ rhs (differentiable in ``values`` and ``rhs``) by a sparse triangular solve."""
     return _UpperSolve.apply(values, rows, rhs)
-
-
-def lower_solve(values: torch.Tensor, rows: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """U⁻ᵀ rhs, as the adjoint of :func:`upper_solve`: U⁻ᵀ r = ∂/∂b ⟨r, U⁻¹ b⟩ would need a graph;
-    instead solve the transposed system directly (no gradient in ``values`` needed by callers)."""
-    U = _csr(values.detach().cpu().numpy(), rows.cpu().numpy(), rhs.shape[0])
-    x = spsolve_triangular(U.T.tocsr(), rhs.detach().cpu().numpy(), lower=True)
-    return torch.as_tensor(np.asarray(x).reshape(rhs.shape), dtype=rhs.dtype)
 
 
 # ------------------------------------------------------------------------------------ operator
@@ -364,14 +423,11 @@ class SparseInverseCholesky(LinearOperator):
 
     # ------------------------------------------------------------------ structure-aware ops
     def solve(self, right_tensor, left_tensor=None):
-        """Triangular solve U⁻¹ b (or U⁻ᵀ b when transposed); differentiable for U⁻¹ b."""
+        """Sparse triangular solve U⁻¹ b (or U⁻ᵀ b when transposed), differentiable in U and b."""
         if left_tensor is not None:
             return left_tensor @ self.solve(right_tensor)
         if self.transposed:
-            if torch.is_grad_enabled() and (right_tensor.requires_grad or self.values.requires_grad):
-                raise NotImplementedError("The transposed (Uᵀ) solve is not differentiable; solve with U "
-                                          "(differentiable) or wrap the call in torch.no_grad().")
-            return lower_solve(self.values, self.pattern, right_tensor)
+            return transposed_solve(self.values, self.pattern, right_tensor)
         return upper_solve(self.values, self.pattern, right_tensor)
 
     def logdet(self):

@@ -26,12 +26,19 @@ from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_m
 from ..variational.sic import (
     GaussianLikelihood,
     SICVariational,
+    block_system,
     elbo_terms,
     get_likelihood,
     marginals,
+    sampled_elbo_terms,
     solve_batch_columns,
 )
 from .base import Model, prediction_frame
+
+
+def _spatial_order(points: np.ndarray, chunk: int) -> np.ndarray:
+    """A permutation of ``points`` whose consecutive runs of ``chunk`` are spatially compact (KD-tree leaves)."""
+    return cKDTree(points, leafsize=max(1, chunk // 2)).indices
 
 
 def _lengthscale(kernel):
@@ -97,8 +104,17 @@ class SICGP(Model):
 
     def _prior_columns(self, batch: np.ndarray) -> torch.Tensor:
         """Û's columns (KL-optimal) for training points ``batch``, differentiable in the hyperparameters."""
+        fixed = getattr(self, "_U_fixed", None)
+        if fixed is not None:  # hyperparameters frozen during this optimisation: Û is a constant
+            return fixed[batch]
         idx = self._pattern_t[batch]
         return sic_columns(self._blocks(self._X[idx]), self._mask[batch])
+
+    def _all_prior_columns(self) -> torch.Tensor:
+        """Û's columns for every training point (no gradient), in chunks of ~4096 columns."""
+        n = len(self._order)
+        with torch.no_grad():
+            return torch.cat([self._prior_columns(b) for b in np.array_split(np.arange(n), max(1, n // 4096))])
 
     def hyperparameters(self):
         params = list(self.kernel.parameters()) + list(self.mean_module.parameters())
@@ -107,11 +123,14 @@ class SICGP(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, x=None, steps: int = 500, batch_size: int = 256, lr: float = 0.02,
             method: str = "adam", learn_hyperparameters: bool = True, progress: bool | None = None,
-            tol: float | None = None, seed: int | None = None, data_weight: float = 1.0):
+            tol: float | None = None, seed: int | None = None, data_weight: float = 1.0, n_samples: int = 16):
         """Fit to inputs ``X`` and targets ``y`` (or ``fit(df, "column")``).
 
         ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (SparseAdam for the
-        variational rows, Adam for the hyperparameters). ``method="lbfgs"``: full-batch L-BFGS (small n).
+        variational rows, Adam for the hyperparameters), each an unbiased ELBO estimate from ``n_samples``
+        draws of q on the block's ancestor closure (cost ~ closure size × m × n_samples, not × batch_size;
+        :func:`latentgp.variational.sic.sampled_elbo_terms`). ``method="lbfgs"``: full-batch L-BFGS on the
+        exact ELBO (small n).
         ``learn_hyperparameters=False`` keeps the kernel, mean and likelihood fixed.
         ``data_weight`` κ: maximise the data-emphasized ELBO κ·E_q[log p(y | f)] − KL (κ = 1: the ELBO;
         :mod:`latentgp.objectives_weighted`). q is full-rank over the training points, so with κ > 1 a
@@ -133,6 +152,7 @@ class SICGP(Model):
             raise ValueError("`data_weight` > 1 with a learned Gaussian noise makes the objective unbounded "
                              "(noise -> 0); fix the noise (SICGP(noise=...)).")
         batch_size = check_int(batch_size, "batch_size", 1)
+        n_samples = check_int(n_samples, "n_samples", 1)
         check_positive(lr, "lr")
         if method not in ("adam", "lbfgs"):
             raise ValueError(f"`method` must be 'adam' or 'lbfgs'; got {method!r}.")
@@ -148,7 +168,7 @@ class SICGP(Model):
         self._train = (inputs, target, str(target_name))
         if first:
             self._init_from_data(inputs.values, target)
-        self._kappa = kappa
+        self._kappa, self._n_samples = kappa, n_samples
         with seeded(seed):
             self._build(inputs.values, target, batch_size)
             self.history = self._optimise(steps, lr, method, learn_hyperparameters, progress, tol)
@@ -180,11 +200,12 @@ class SICGP(Model):
         self._X, self._y = X[order], y[order]
         scaled = Xn[order] / (1.0 if ard is None else ard)
         # Blocks of nearby points (KD-tree leaf order) share ancestors: the solve per step stays small.
-        leaf_order = cKDTree(scaled, leafsize=max(1, batch_size // 2)).indices
+        leaf_order = _spatial_order(scaled, batch_size)
         self._blocks_idx = np.array_split(leaf_order, max(1, math.ceil(len(order) / batch_size)))
+        self._systems = {}  # block -> BlockSystem (ancestor closure, local pattern), built on first visit
+        self._U_fixed = None
+        U = self._all_prior_columns()
         with torch.no_grad():
-            U = torch.cat([self._prior_columns(b) for b in np.array_split(np.arange(len(order)),
-                                                                           max(1, len(order) // 4096))])
             mu = self._prior_mean().expand(len(order)).clone()
         self.q = SICVariational(pattern, U, mu).to(self.dtype)
 
@@ -196,6 +217,16 @@ class SICGP(Model):
         n = len(self._order)
         weight = n / len(batch) if len(batch) == n else len(self._blocks_idx)
         return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / n
+
+    def _sampled_block_loss(self, k: int, sparse: bool = True):
+        """−(unbiased ELBO estimate)/n from block k by :func:`sampled_elbo_terms`."""
+        if k not in self._systems:
+            self._systems[k] = block_system(self._pattern, self._blocks_idx[k])
+        batch = self._blocks_idx[k]
+        ell, kl = sampled_elbo_terms(self.q, self._systems[k], self._prior_columns(batch), self._prior_mean(),
+                                     self._y[batch], self.likelihood, getattr(self, "_n_samples", 16), sparse=sparse)
+        weight = len(self._blocks_idx)
+        return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / len(self._order)
 
     def _record(self):
         out = {}
@@ -217,23 +248,36 @@ class SICGP(Model):
             return optimize(lambda: self._block_loss(everything, False), [self.q.raw, self.q.nu] + hyper,
                             method="lbfgs", steps=steps, progress=progress, tol=tol, record=self._record,
                             desc="SICGP")
+        if not hyper:
+            self._U_fixed = self._all_prior_columns()
+        try:
+            return self._adam(steps, lr, hyper, progress, tol)
+        finally:
+            self._U_fixed = None
+
+    def _adam(self, steps, lr, hyper, progress, tol):
+        return train(self._make_step(lr, hyper), steps=steps, progress=progress, tol=tol, record=self._record,
+                     desc="SICGP")
+
+    def _make_step(self, lr, hyper):
+        """One minibatch step: a random block, the sampled ELBO, SparseAdam on the rows it touched."""
         sparse_opt = torch.optim.SparseAdam([self.q.raw, self.q.nu], lr=lr)
         hyper_opt = torch.optim.Adam(hyper, lr=lr) if hyper else None
         n_blocks = len(self._blocks_idx)
 
         def step():
-            batch = self._blocks_idx[int(torch.randint(n_blocks, ()))]
+            k = int(torch.randint(n_blocks, ()))
             sparse_opt.zero_grad()
             if hyper_opt is not None:
                 hyper_opt.zero_grad()
-            loss = self._block_loss(batch, True)
+            loss = self._sampled_block_loss(k)
             loss.backward()
             sparse_opt.step()
             if hyper_opt is not None:
                 hyper_opt.step()
             return loss.item()
 
-        return train(step, steps=steps, progress=progress, tol=tol, record=self._record, desc="SICGP")
+        return step
 
     # ------------------------------------------------------------------ objective
     def elbo(self) -> float:
@@ -261,11 +305,14 @@ class SICGP(Model):
         m = self.config["max_neighbors"]
         nb = torch.as_tensor(sic_pattern(Xs.numpy(), self.config["rho"], np.maximum(scales, 1e-300), m, ard=ard,
                                          reference=self._X.numpy()))
-        means, variances = [], []
+        # Chunks of nearby queries share ancestors, so each chunk's exact solve stays small.
+        near = torch.as_tensor(_spatial_order(Xs.numpy() / (1.0 if ard is None else ard), chunk))
+        means, variances = torch.empty(len(Xs), dtype=self.dtype), torch.empty(len(Xs), dtype=self.dtype)
         with torch.no_grad():
             mu = self._prior_mean()
             for s in range(0, len(Xs), chunk):
-                part_nb, part_x = nb[s:s + chunk], Xs[s:s + chunk]
+                rows = near[s:s + chunk]
+                part_nb, part_x = nb[rows], Xs[rows]
                 valid = part_nb >= 0
                 safe = part_nb.clamp_min(0)
                 pts = torch.cat([part_x[:, None], torch.where(valid[..., None], self._X[safe], part_x[:, None])], 1)
@@ -275,9 +322,8 @@ class SICGP(Model):
                 b, d2 = -col[:, 1:] / col[:, :1], col[:, 0] ** -2
                 mean_s = mu + (b * (self.q.mean(safe) - mu)).sum(1)
                 sol = solve_batch_columns(self.q, self._pattern, safe, b * valid)
-                means.append(mean_s)
-                variances.append((sol ** 2).sum(0) + d2)
-        return new, torch.cat(means), torch.cat(variances)
+                means[rows], variances[rows] = mean_s, (sol ** 2).sum(0) + d2
+        return new, means, variances
 
     def predict(self, X, level: float = 0.95, include_noise: bool = False):
         """DataFrame with the input columns + mean, var, lower, upper of the latent f (Gaussian
@@ -292,8 +338,9 @@ class SICGP(Model):
     def training_marginals(self) -> pd.DataFrame:
         """q's marginal mean and variance at the training inputs (original row order)."""
         self._require_fitted("training_marginals()")
-        mean, var = marginals(self.q, self._pattern, np.arange(len(self._order)))
-        inv = np.argsort(self._order)
+        idx = np.concatenate(self._blocks_idx)  # spatially compact chunks (small ancestor closures)
+        mean, var = marginals(self.q, self._pattern, idx)
+        inv = np.argsort(self._order[idx])
         return prediction_frame(self._train[0].values, self._train[0].columns, mean[inv], var[inv], 0.95)
 
     # ------------------------------------------------------------------ save / load
@@ -329,6 +376,7 @@ class SICGP(Model):
         model._mask = pattern_mask(model._pattern_t)
         model._X, model._y = data["X"][order], data["y"][order]
         model._blocks_idx = [b.numpy() for b in state["blocks"]]
+        model._systems = {}
         model.q = SICVariational(model._pattern, torch.ones(model._pattern.shape, dtype=model.dtype),
                                  torch.zeros(len(order), dtype=model.dtype))
         model.q.load_state_dict(state["q"])
