@@ -7,9 +7,12 @@ objective. Objective, per minibatch B of a data set of n points:
     κ · (n / |B|) Σ_{i∈B} E_q[log N(y_i; f_i, s)] − KL(q(u) ‖ p(u)),
 
 the ELBO at κ = 1 and the data-emphasized ELBO (Harvey et al.; :mod:`latentgp.objectives_weighted`) at
-κ > 1. The data-emphasized objective is the cure for the over-smoothing a restricted ``q`` brings: with a
-mean-field q the ELBO's gap KL(q ‖ posterior) grows with the posterior correlations that informative data
-create, so the ELBO prefers long lengthscales and a large noise; κ > 1 shifts the balance back to the data.
+κ > 1. The data-emphasized objective is the cure for the over-smoothing of the sparse ELBO: with few
+inducing points the trace term −tr(K − Q)/(2s) of E_q[log p(y | f)] penalises short lengthscales (they make
+Q = K_xz K_zz⁻¹ K_zx a poor copy of K), and with a mean-field q so does the gap KL(q ‖ posterior), which
+grows with the posterior correlations that informative data create. The ELBO then prefers long
+lengthscales and a large noise (on El Niño with M = 200: a noise variance 150–360× the exact GP's, see
+BENCHMARKS.md); κ > 1 shifts the balance back to the data.
 """
 from __future__ import annotations
 
