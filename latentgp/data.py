@@ -124,6 +124,18 @@ def split_frame(X, y, x=None):
     return X, y, x
 
 
+
+def regression_data(X, y, x, dtype):
+    """``fit(X, y)`` / ``fit(df, "target")`` / ``fit(df, y, x=[...])`` for a regression model, validated:
+    (inputs, targets, target name)."""
+    X, y, x = split_frame(X, y, x)
+    if y is None:
+        raise TypeError("`y` is required: an array of targets or the name of a column of X.")
+    inputs = as_inputs(X, "X", columns=x, dtype=dtype)
+    target = as_targets(y, inputs.values.shape[0], "y", dtype=dtype)
+    name = y.name if hasattr(y, "name") and y.name is not None else "y"
+    return inputs, target, str(name)
+
 def check_positive(value, name: str, *, allow_none: bool = False):
     if value is None and allow_none:
         return None

@@ -52,25 +52,6 @@ def test_markov_posterior_matches_dense(setup):
     assert (kl > 0.5).all()  # a non-trivial KL, not 0 = 0
 
 
-def test_kl_gradients_match_dense(setup):
-    """Gradients through the Kalman smoother (kernel lengthscale, site means and precisions) = dense ones."""
-    kernel, times, mean, prec = setup
-    grads = []
-    for fast in (True, False):
-        mean_ = mean.clone().requires_grad_(True)
-        prec_ = prec.clone().requires_grad_(True)
-        kernel.zero_grad()
-        if fast:
-            kl = markov_posterior(markov_prior(kernel, times), diagonal_sites(mean_, prec_)).kl.sum()
-        else:
-            kl = dense_posterior(kernel, times, mean_, prec_)[2].sum()
-        kl.backward()
-        grads.append([mean_.grad, prec_.grad, kernel.raw_lengthscale.grad.clone()])
-    for a, b in zip(*grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
-        assert a.abs().max() > 1e-3
-
-
 def test_matheron_draws_and_kl_vs_monte_carlo(setup):
     """Joint draws from q have the dense posterior's moments, and KL = E_q[log q - log p] by MC (3 s.e.)."""
     kernel, times, mean, prec = setup

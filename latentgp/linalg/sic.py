@@ -250,36 +250,6 @@ def sic_columns(K_blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- differentiable solves
-def _csr(values: np.ndarray, rows: np.ndarray, n: int) -> csr_array:
-    """CSR of the (n, n) upper-triangular U with column c = (rows[c], values[c]) (duplicates sum)."""
-    cols = np.broadcast_to(np.arange(values.shape[0])[:, None], rows.shape)
-    return csr_array((values.ravel(), (rows.ravel(), cols.ravel())), shape=(n, n))
-
-
-class _UpperSolve(torch.autograd.Function):
-    """x = U⁻¹ b for the padded upper-triangular U; backward ∂b = U⁻ᵀg, ∂U_rc = -(U⁻ᵀg)_r x_c."""
-
-    @staticmethod
-    def forward(ctx, values, rows, rhs):
-        n = rhs.shape[0]
-        U = _csr(values.detach().cpu().numpy(), rows.cpu().numpy(), n)
-        b = rhs.detach().cpu().numpy()
-        x = spsolve_triangular(U, b, lower=False) if n else b
-        x = torch.as_tensor(np.asarray(x).reshape(b.shape), dtype=rhs.dtype)
-        ctx.save_for_backward(values, rows, x)
-        ctx.U = U
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        values, rows, x = ctx.saved_tensors
-        gb = spsolve_triangular(ctx.U.T.tocsr(), g.detach().cpu().numpy(), lower=True)
-        gb = torch.as_tensor(np.asarray(gb).reshape(g.shape), dtype=g.dtype)
-        x2 = x.reshape(x.shape[0], -1)
-        gv = -(gb.reshape(gb.shape[0], -1)[rows] * x2.unsqueeze(1)).sum(-1)
-        return gv, None, gb
-
-
 def triangular_structure(rows: np.ndarray):
     """Compressed sparse index arrays of U, precomputable once per pattern (no per-solve sorting).
 
@@ -302,6 +272,8 @@ def _unit_solve(kind, structure, values: np.ndarray, rows: np.ndarray, rhs: np.n
     canonical compressed arrays are used as they are (SuperLU through ``spsolve_triangular``)."""
     perm, indices, indptr = structure
     diag = values[:, 0]
+    if len(diag) == 0:
+        return rhs
     scale = diag[:, None] if transposed else diag[rows]   # the equation each stored entry belongs to
     A = kind(((values / scale).ravel()[perm], indices, indptr), shape=(len(diag), len(diag)))
     A.has_canonical_format = True
@@ -309,31 +281,36 @@ def _unit_solve(kind, structure, values: np.ndarray, rows: np.ndarray, rhs: np.n
     return spsolve_triangular(A, b, lower=transposed, unit_diagonal=True, overwrite_A=True, overwrite_b=True)
 
 
-class _TransposedSolve(torch.autograd.Function):
-    """g = U⁻ᵀ ε (forward substitution: g_c needs only g at c's neighbours, i.e. its ancestors).
+class _TriangularSolve(torch.autograd.Function):
+    """x = U⁻¹ b (back substitution) or, ``transposed``, x = U⁻ᵀ b (forward substitution: x_c needs only x at
+    c's neighbours, i.e. its ancestors) for the padded upper-triangular U.
 
-    Backward: with h = U⁻¹ ∂g, ∂ε = h and ∂U[r, c] = -h_c g_r (from Uᵀ g = ε)."""
+    Backward, with a the adjoint solve of the incoming gradient (U⁻ᵀ g, resp. U⁻¹ g): ∂b = a, and
+    ∂U[r, c] = -a_r x_c (from U x = b), resp. -x_r a_c (from Uᵀ x = b)."""
 
     @staticmethod
-    def forward(ctx, values, rows, eps, structure):
+    def forward(ctx, values, rows, rhs, structure, transposed):
         v, r = values.detach().cpu().numpy(), rows.cpu().numpy()
         structure = triangular_structure(r) if structure is None else structure
         # CSC arrays of Uᵀ (lower triangular) = the CSR arrays of U.
-        g = _unit_solve(csc_array, structure, v, r, eps.detach().cpu().numpy(), transposed=True)
-        g = torch.as_tensor(np.asarray(g).reshape(eps.shape), dtype=eps.dtype)
-        ctx.save_for_backward(values, rows, g)
-        ctx.structure = structure
-        return g
+        x = _unit_solve(csc_array if transposed else csr_array, structure, v, r, rhs.detach().cpu().numpy(),
+                        transposed=transposed)
+        x = torch.as_tensor(np.asarray(x).reshape(rhs.shape), dtype=rhs.dtype)
+        ctx.save_for_backward(values, rows, x)
+        ctx.structure, ctx.transposed = structure, transposed
+        return x
 
     @staticmethod
     def backward(ctx, grad):
-        values, rows, g = ctx.saved_tensors
+        values, rows, x = ctx.saved_tensors
         v, r = values.detach().cpu().numpy(), rows.cpu().numpy()
-        h = _unit_solve(csr_array, ctx.structure, v, r, grad.detach().cpu().numpy(), transposed=False)
-        h = torch.as_tensor(np.asarray(h).reshape(grad.shape), dtype=grad.dtype)
-        g2, h2 = g.reshape(g.shape[0], -1), h.reshape(h.shape[0], -1)
-        gv = -(g2[rows] * h2.unsqueeze(1)).sum(-1)
-        return gv, None, h, None
+        t = not ctx.transposed
+        a = _unit_solve(csc_array if t else csr_array, ctx.structure, v, r, grad.detach().cpu().numpy(), transposed=t)
+        a = torch.as_tensor(np.asarray(a).reshape(grad.shape), dtype=grad.dtype)
+        x2, a2 = x.reshape(x.shape[0], -1), a.reshape(a.shape[0], -1)
+        row_side, col_side = (x2, a2) if ctx.transposed else (a2, x2)
+        gv = -(row_side[rows] * col_side.unsqueeze(1)).sum(-1)
+        return gv, None, a, None, None
 
 
 def transposed_solve(values: torch.Tensor, rows: torch.Tensor, eps: torch.Tensor, structure=None) -> torch.Tensor:
@@ -342,12 +319,13 @@ def transposed_solve(values: torch.Tensor, rows: torch.Tensor, eps: torch.Tensor
     If eps ~ N(0, I), U⁻ᵀ eps ~ N(0, (U Uᵀ)⁻¹): a draw of the centred field. The rows ``rows`` may be a
     local numbering of an ancestor-closed subset: the solve restricted to it is exact. ``structure``:
     :func:`triangular_structure` of ``rows``, when solving repeatedly with the same pattern."""
-    return _TransposedSolve.apply(values, rows, eps, structure)
+    return _TriangularSolve.apply(values, rows, eps, structure, True)
 
 
-def upper_solve(values: torch.Tensor, rows: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """U⁻¹ rhs (differentiable in ``values`` and ``rhs``) by a sparse triangular solve."""
-    return _UpperSolve.apply(values, rows, rhs)
+def upper_solve(values: torch.Tensor, rows: torch.Tensor, rhs: torch.Tensor, structure=None) -> torch.Tensor:
+    """U⁻¹ rhs (differentiable in ``values`` and ``rhs``) by a sparse triangular solve (``structure`` as in
+    :func:`transposed_solve`)."""
+    return _TriangularSolve.apply(values, rows, rhs, structure, False)
 
 
 # ------------------------------------------------------------------------------------ operator

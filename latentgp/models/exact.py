@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from torch.func import functional_call
 
-from ..data import DEFAULT_DTYPE, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
+from ..data import DEFAULT_DTYPE, as_new_inputs, check_int, check_positive, regression_data
 from ..fit import optimize, run_svi, seeded, show_progress
 from ..io import register_model, saved_dtype
 from ..linalg.cholesky import safe_cholesky
@@ -130,11 +130,7 @@ class GPRegressor(Model):
         the leapfrog steps per draw at 2**max_tree_depth, which bounds the cost of a poorly adapted warm-up).
         ``data_weight`` κ (lbfgs/adam): maximise the data-emphasized objective (κ = 1: the marginal likelihood).
         """
-        X, y, x = split_frame(X, y, x)
-        if y is None:
-            raise TypeError("`y` is required: an array of targets or the name of a column of X.")
-        inputs = as_inputs(X, "X", columns=x, dtype=self.dtype)
-        target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
+        inputs, target, target_name = regression_data(X, y, x, self.dtype)
         steps = check_int(steps, "steps")
         kappa = check_data_weight(data_weight)
         if method not in _METHODS:
@@ -155,9 +151,8 @@ class GPRegressor(Model):
         if ard is not None and ard != inputs.values.shape[1]:
             raise ValueError(f"`X` has {inputs.values.shape[1]} columns but the kernel has ard_num_dims={ard}.")
 
-        target_name = y.name if hasattr(y, "name") and y.name is not None else "y"
         first = self._train is None
-        self._train = (inputs, target, str(target_name))
+        self._train = (inputs, target, target_name)
         if first:
             self._init_from_data(inputs.values, target)
             self._sites = build_sites(self.prior, self.user_priors, loc_scale=float(target.std()))

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-from ..data import DEFAULT_DTYPE, Inputs, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
+from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
 from ..fit import optimize, seeded, train
 from ..io import register_model
 from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_mask, sic_columns, sic_pattern
@@ -136,12 +136,8 @@ class SICGP(Model):
         :mod:`latentgp.objectives_weighted`). q is full-rank over the training points, so with κ > 1 a
         learned Gaussian noise has no optimum (noise -> 0): fix it with ``SICGP(noise=...)``.
         """
-        X, y, x = split_frame(X, y, x)
-        if y is None:
-            raise TypeError("`y` is required: an array of targets or the name of a column of X.")
-        inputs = as_inputs(X, "X", columns=x, dtype=self.dtype)
+        inputs, target, target_name = regression_data(X, y, x, self.dtype)
         check_points(inputs.values, "X")
-        target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
         self.likelihood.check(target.numpy())
         steps = check_int(steps, "steps")
         from ..objectives_weighted import check_data_weight
@@ -164,8 +160,7 @@ class SICGP(Model):
             raise ValueError(f"`X` has {d} columns but the kernel has {ard.numel()} lengthscales.")
 
         first = self._train is None
-        target_name = y.name if hasattr(y, "name") and y.name is not None else "y"
-        self._train = (inputs, target, str(target_name))
+        self._train = (inputs, target, target_name)
         if first:
             self._init_from_data(inputs.values, target)
         self._kappa, self._n_samples = kappa, n_samples

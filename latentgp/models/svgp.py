@@ -20,7 +20,7 @@ import gpytorch
 import pandas as pd
 import torch
 
-from ..data import DEFAULT_DTYPE, Inputs, as_inputs, as_new_inputs, as_targets, check_int, check_positive, split_frame
+from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
 from ..fit import optimize, seeded
 from ..io import register_model, saved_dtype
 from ..objectives_weighted import check_data_weight, weighted_elbo
@@ -102,11 +102,7 @@ class SVGP(Model):
         learned noise would go to 0 under κ > 1: that combination raises (fix the noise or lower M).
         ``learn_hyperparameters=False`` optimises q(u) only.
         """
-        X, y, x = split_frame(X, y, x)
-        if y is None:
-            raise TypeError("`y` is required: an array of targets or the name of a column of X.")
-        inputs = as_inputs(X, "X", columns=x, dtype=self.dtype)
-        target = as_targets(y, inputs.values.shape[0], "y", dtype=self.dtype)
+        inputs, target, target_name = regression_data(X, y, x, self.dtype)
         steps = check_int(steps, "steps")
         check_positive(lr, "lr")
         kappa = check_data_weight(data_weight)
@@ -121,11 +117,10 @@ class SVGP(Model):
         if kappa > 1 and self.config["noise"] is None and learn_hyperparameters and self.config["num_inducing"] >= n:
             raise ValueError("`data_weight` > 1 with a learned noise and `num_inducing` >= n has no optimum "
                              "(noise -> 0); fix the noise (SVGP(noise=...)) or use fewer inducing points.")
-        target_name = y.name if hasattr(y, "name") and y.name is not None else "y"
         with seeded(seed):
             if self.gp is None:
                 self._build(inputs.values, target)
-            self._train = (inputs, target, str(target_name))
+            self._train = (inputs, target, target_name)
             self.history = self._optimise(inputs.values, target, steps, lr, batch_size, method, kappa,
                                           learn_hyperparameters, progress, tol)
         return self
