@@ -49,7 +49,8 @@ cols = ["year", "month"]
 def score(model):
     p = model.predict(test[cols], include_noise=True)
     mu, sd, y = p["mean"].to_numpy(), np.sqrt(p["var"].to_numpy()), test["sst"].to_numpy()
-    return {"RMSE": np.sqrt(np.mean((mu - y) ** 2)), "NLL": -np.mean(norm.logpdf(y, mu, sd))}
+    rmse, nll = np.sqrt(np.mean((mu - y) ** 2)), -np.mean(norm.logpdf(y, mu, sd))
+    return {"RMSE": round(float(rmse), 3), "NLL": round(float(nll), 3)}
 
 
 # %% [markdown]
