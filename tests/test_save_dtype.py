@@ -53,3 +53,48 @@ def test_pde_solver_keeps_float32(tmp_path):
     assert loaded.dtype == torch.float32
     x = np.linspace(0, 1, 5)
     np.testing.assert_array_equal(loaded.predict(x)["mean"].to_numpy(), solver.predict(x)["mean"].to_numpy())
+
+
+def _points(n=40, d=2, seed=2):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, (n, d))
+    return X, np.sin(4 * X[:, 0]) + X[:, 1] + 0.05 * rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("make", [lambda: lgp.SICGP(rho=3.0, dtype=torch.float32),
+                                  lambda: lgp.SVGP(num_inducing=10, dtype=torch.float32)], ids=["SICGP", "SVGP"])
+def test_sparse_regressors_keep_float32(make, tmp_path):
+    X, y = _points()
+    model = make().fit(X, y, steps=5, progress=False, seed=0)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32
+    new = X[:5] + 0.01
+    np.testing.assert_array_equal(loaded.predict(new)["mean"].to_numpy(), model.predict(new)["mean"].to_numpy())
+
+
+def test_tucker_and_multitask_keep_float32(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame({"a": rng.uniform(0, 1, 60).round(1), "b": rng.uniform(0, 1, 60).round(1)})
+    df["v"] = np.sin(3 * df["a"]) * np.cos(2 * df["b"]) + 0.01 * rng.standard_normal(60)
+    df = df.drop_duplicates(["a", "b"])
+    tucker = lgp.FunctionalTucker(1, dtype=torch.float32).fit(df, y="v", modes=["a", "b"], steps=3, progress=False)
+    loaded = _roundtrip(tucker, tmp_path)
+    assert loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.predict(df[["a", "b"]])["mean"].to_numpy(),
+                                  tucker.predict(df[["a", "b"]])["mean"].to_numpy())
+
+    x = np.linspace(0, 1, 12)
+    long = pd.DataFrame({"x": np.tile(x, 2), "task": np.repeat([0, 1], 12), "y": np.r_[np.sin(5 * x), np.cos(5 * x)]})
+    mt = lgp.MultitaskGP(num_tasks=2, dtype=torch.float32).fit(long, x="x", task="task", y="y", steps=3, progress=False)
+    loaded = _roundtrip(mt, tmp_path)
+    assert loaded.dtype == torch.float32
+
+
+def test_gpvae_keeps_float32(tmp_path):
+    Y = np.random.default_rng(5).standard_normal((4, 20, 3))
+    model = lgp.GPVAE(latent_dim=1, dtype=torch.float32).fit(Y, steps=2, batch_size=2, progress=False, seed=0)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.latents(), model.latents())

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data import DEFAULT_DTYPE, check_int, check_level, check_positive
 from ..fit import optimize, seeded, torch_threads
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..kernels import Matern, state_space_form
 from ..variational.amortised import (
     diagonal_sites,
@@ -318,7 +318,7 @@ class GPVAE(Model):
         require_networks(cfg, {"encoder": encoder, "decoder": decoder}, cls.__name__)
         for k in ("custom_encoder", "custom_decoder"):
             cfg.pop(k)
-        model = cls(kernel=kernel, encoder=encoder, decoder=decoder, **cfg)
+        model = cls(kernel=kernel, encoder=encoder, decoder=decoder, **cfg, dtype=saved_dtype(payload))
         model._default_kernel = payload["default_kernel"]
         model.net.kernel.load_state_dict(payload["kernel_state"])
         Y, times = payload["data"]["Y"], payload["data"]["times"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import DEFAULT_DTYPE, _as_float_array, check_int, check_positive
 from ..fit import optimize, seeded, torch_threads
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..likelihoods import Poisson
 from ..variational.amortised import (
     fourier_basis,
@@ -483,7 +483,7 @@ class MultimodalGPVAE(Model):
         require_networks(cfg, nets, cls.__name__)
         for k in _NETS:
             cfg.pop(f"custom_{k}")
-        model = cls(kernel=kernel, **nets, **cfg)
+        model = cls(kernel=kernel, **nets, **cfg, dtype=saved_dtype(payload))
         model._default_kernel = payload["default_kernel"]
         y, b = payload["data"]["spikes"], payload["data"]["behaviour"]
         model.behaviour_shape_ = tuple(payload["data"]["behaviour_shape"])

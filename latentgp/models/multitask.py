@@ -22,7 +22,7 @@ import torch
 
 from ..data import DEFAULT_DTYPE, _as_float_array, check_int
 from ..fit import optimize, seeded
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..objectives import gaussian_log_marginal
 from .base import Model, prediction_frame
 
@@ -295,7 +295,8 @@ class MultitaskGP(_MultitaskBase):
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg = payload["config"]
-        model = cls(cfg["num_tasks"], cfg["rank"], None if cfg["default_kernel"] else kernel, cfg["num_latents"])
+        model = cls(cfg["num_tasks"], cfg["rank"], None if cfg["default_kernel"] else kernel, cfg["num_latents"],
+                    dtype=saved_dtype(payload))
         model._default_kernel = cfg["default_kernel"]
         return _restore(model, payload)
 
@@ -473,6 +474,6 @@ class HMTGP(_MultitaskBase):
     def _from_payload(cls, payload, kernel):
         cfg = payload["config"]
         model = cls(cfg["num_tasks"], cfg["num_latents"], cfg["num_mixtures"], num_dims=cfg["num_dims"],
-                    interactions=cfg["interactions"])
+                    interactions=cfg["interactions"], dtype=saved_dtype(payload))
         return _restore(model, payload)
 

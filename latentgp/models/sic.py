@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
 from ..fit import optimize, seeded, train
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_mask, sic_columns, sic_pattern
 from ..variational.sic import (
     GaussianLikelihood,
@@ -359,7 +359,7 @@ class SICGP(Model):
 
             likelihood = StudentTLikelihood(cfg["df"])
         model = cls(kernel=kernel, rho=cfg["rho"], likelihood=likelihood, noise=noise,
-                    max_neighbors=cfg["max_neighbors"], mean=cfg["mean"])
+                    max_neighbors=cfg["max_neighbors"], mean=cfg["mean"], dtype=saved_dtype(payload))
         model._default_kernel = cfg["default_kernel"]
         model.kernel.load_state_dict(state["kernel"])
         model.mean_module.load_state_dict(state["mean"])

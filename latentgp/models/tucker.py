@@ -21,7 +21,7 @@ import torch
 
 from ..data import DEFAULT_DTYPE, _as_float_array, check_int, check_positive
 from ..fit import seeded, torch_threads, train
-from ..io import register_model
+from ..io import register_model, saved_dtype
 from ..kernels import Matern, state_space_form
 from ..variational import cep
 from ..variational.cvi import Sites, expected_log_prior, joint_state_space, latent_blocks, site_posterior
@@ -481,7 +481,7 @@ class FunctionalTucker(Model):
         cfg, st = payload["config"], payload["state"]
         # files from before the offset existed: centred data, no offset = bias with a point mass at 0
         model = cls(cfg["rank"], kind=cfg["kind"], nu=cfg["nu"], noise_prior=tuple(cfg["noise_prior"]),
-                    bias=cfg.get("bias", True))
+                    bias=cfg.get("bias", True), dtype=saved_dtype(payload))
         model.modes, model._center, model._scale, model._tau = cfg["modes"], cfg["center"], cfg["scale"], cfg["tau"]
         model._bias_mean, model._bias_var = cfg.get("bias_moments", (0.0, 0.0))
         model._coords, model._values = payload["data"]["coords"].numpy(), payload["data"]["values"].numpy()
