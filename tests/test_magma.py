@@ -282,3 +282,34 @@ def test_mean_process_stays_smooth_between_the_points_of_a_shared_grid():
     assert float(model.hyper.mean_kernel.base_kernel.lengthscale.detach()) >= 1.0
     mean = model.mean_process(pd.DataFrame({"Time": [4.0, 5.0, 6.0]}))["mean"].to_numpy()
     assert min(mean[0], mean[2]) - 5 <= mean[1] <= max(mean[0], mean[2]) + 5, mean
+
+
+def test_poor_clusterings_are_the_models_optimum_not_a_poor_start():
+    """Where clusters overlap (here the Bayes classifier that knows the true curves and hyperparameters
+    reaches ARI 0.68 only) MagmaClust's imperfect clustering is not a bad k-means start: started from the
+    TRUE labels, EM drifts to a clustering as imperfect and no higher ELBO. On the authors' protocol (30
+    data sets, BENCHMARKS.md) MagmaClust's ARI is within 0.07 of the Bayes classifier's on every data set
+    (mean difference -0.001); starting from the true labels changed the ARI on 4 of them, by <= 0.1."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from magma_oracle import bayes_labels, true_parameters
+
+    sim = simulate_magma(30, 15, 3, seed=7)
+    bayes = bayes_labels(sim, true_parameters(sim, 7, 30, 3))
+    ari_bayes = adjusted_rand_score(sim.clusters[bayes.index], bayes)
+    fits = {}
+    for start in ("kmeans", "truth"):
+        model = MagmaClust(3)
+        if start == "truth":
+            labels = sim.clusters[model._read(sim.train, "ID", "Input", "Output").ids].to_numpy()
+            tau = np.full((len(labels), 3), 0.05)
+            tau[np.arange(len(labels)), labels] = 0.9
+            model._init_weights = lambda tasks, seed, tau=tau: torch.as_tensor(tau)
+        model.fit(sim.train, steps=6, inner_steps=10, progress=False, seed=0)
+        cl = model.clusters()
+        fits[start] = (adjusted_rand_score(sim.clusters[cl.index], cl["cluster"]), model.elbo())
+    assert ari_bayes < 0.8 and fits["truth"][0] < 0.8, (ari_bayes, fits)
+    assert fits["kmeans"][1] >= fits["truth"][1] - 1.0, fits
+    assert fits["kmeans"][0] >= ari_bayes - 0.1, (ari_bayes, fits)
