@@ -98,3 +98,14 @@ def test_gpvae_keeps_float32(tmp_path):
     loaded = _roundtrip(model, tmp_path)
     assert loaded.dtype == torch.float32
     np.testing.assert_array_equal(loaded.latents(), model.latents())
+
+
+@pytest.mark.parametrize("cls", [lgp.Magma, lgp.MagmaClust])
+def test_magma_keeps_float32(cls, tmp_path):
+    from latentgp.simulate_magma import simulate_magma
+
+    train = simulate_magma(6, 10, 2, seed=0).train
+    model = (cls(n_clusters=2, dtype=torch.float32) if cls is lgp.MagmaClust else cls(dtype=torch.float32))
+    model.fit(train, steps=2, progress=False)
+    loaded = _roundtrip(model, tmp_path)
+    assert loaded.dtype == torch.float32

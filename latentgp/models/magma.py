@@ -19,7 +19,7 @@ from scipy.special import xlogy
 
 from ..data import DEFAULT_DTYPE, as_new_inputs, check_int, check_level
 from ..fit import optimize, seeded, torch_threads, train
-from ..io import kernel_from_spec, kernel_spec, register_model
+from ..io import kernel_from_spec, kernel_spec, register_model, saved_dtype
 from . import mean_process as mp
 from .base import Model, prediction_frame
 
@@ -412,15 +412,16 @@ class Magma(Model):
         }
 
     @classmethod
-    def _make(cls, cfg, kernel, task_kernel):
-        return cls(kernel=kernel, task_kernel=task_kernel, common_hp=cfg["common_hp"], prior_mean=cfg["prior_mean"])
+    def _make(cls, cfg, kernel, task_kernel, dtype):
+        return cls(kernel=kernel, task_kernel=task_kernel, common_hp=cfg["common_hp"], prior_mean=cfg["prior_mean"],
+                   dtype=dtype)
 
     @classmethod
     def _from_payload(cls, payload, kernel):
         cfg, data = payload["config"], payload["data"]
         task_kernel = kernel_from_spec(payload["task_kernel"])
         model = cls._make(cfg, None if cfg["default_kernel"] else kernel,
-                          None if cfg["default_task_kernel"] else task_kernel)
+                          None if cfg["default_task_kernel"] else task_kernel, saved_dtype(payload))
         labels = np.asarray(cfg["ids"], dtype=object)[data["code"].numpy()]
         names = cfg["names"]
         tasks = mp.pad_tasks(labels, data["X"].numpy(), data["y"].numpy(), tuple(names["x"]), model.dtype)

@@ -102,9 +102,9 @@ class MagmaClust(Magma):
         return {**super()._config(), "n_clusters": self._n_clusters}
 
     @classmethod
-    def _make(cls, cfg, kernel, task_kernel):
+    def _make(cls, cfg, kernel, task_kernel, dtype):
         return cls(n_clusters=cfg["n_clusters"], kernel=kernel, task_kernel=task_kernel, common_hp=cfg["common_hp"],
-                   prior_mean=cfg["prior_mean"])
+                   prior_mean=cfg["prior_mean"], dtype=dtype)
 
 
 def select_n_clusters(df, candidates=(1, 2, 3, 4, 5), *, criterion: str = "vbic", id: str = "ID", x="Input",
