@@ -61,6 +61,9 @@ def test_gpfa_heldout_rates_vs_dense(sim):
         assert np.allclose(rates[n] * 0.05, expected, rtol=1e-8, atol=1e-10)
     s = co_smoothing(g, counts[8:], held_in)
     assert np.isfinite(s["bits_per_spike"]) and s["nats_per_bin"] < 0
+    # one held-in neuron (fewer than the latents), one of them silent: the posterior is still proper
+    one = g.heldout_rates(np.zeros_like(counts[8:, :, :1]), [3])
+    assert np.isfinite(one).all() and (one > 0).all()
     with pytest.raises(ValueError, match="held_in"):
         co_smoothing(g, counts[8:], np.arange(12))
     with pytest.raises(TypeError, match="held_in"):

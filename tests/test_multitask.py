@@ -141,6 +141,11 @@ def test_hmtgp_fits_and_predicts(rng, tmp_path):
     model.save(tmp_path / "h.pt")
     np.testing.assert_allclose(latentgp.load(tmp_path / "h.pt").predict(new)["mean"], model.predict(new)["mean"],
                                atol=1e-10)
+    # a file from before the bandwidth floor (no min_scale in the state) loads with no floor
+    payload = torch.load(tmp_path / "h.pt", weights_only=True)
+    del payload["state"]["covariance"]["min_scale"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert (latentgp.load(tmp_path / "old.pt").covariance.min_scale == 0).all()
 
 
 def _interacting_tasks(seed, T=3, Q=2, n=30, noise=0.01):

@@ -241,7 +241,9 @@ class GPFA(Model):
         y = torch.as_tensor(counts, dtype=self.dtype)
         return torch.sqrt(y) if self.config["sqrt_transform"] else y
 
-    def _check(self, counts, name="counts") -> np.ndarray:
+    def _check(self, counts, name="counts", *, fitting: bool = True) -> np.ndarray:
+        """Counts as an array; ``fitting=False`` (inference on new trials with a fitted model) allows trials
+        without spikes and fewer neurons than latents: the posterior is proper under the GP prior."""
         from ..neuro import check_counts
 
         arr = check_counts(counts, name)
@@ -249,6 +251,8 @@ class GPFA(Model):
         if arr.shape[1] < _MIN_BINS:
             raise ValueError(f"`{name}` has {arr.shape[1]} bin(s) per trial; GPFA needs at least "
                              f"{_MIN_BINS}.")
+        if not fitting:
+            return arr
         if not arr.any():
             raise ValueError(f"`{name}` has no spikes at all; there is nothing to factorise.")
         if p >= arr.shape[2]:
@@ -404,7 +408,7 @@ class GPFA(Model):
         self._require_fitted("heldout_rates()")
         par = self._params
         idx = check_neuron_split(held_in, par["C"].shape[0])
-        arr = self._check(counts_in, "counts_in")
+        arr = self._check(counts_in, "counts_in", fitting=False)
         if arr.shape[2] != len(idx):
             raise ValueError(f"`counts_in` has {arr.shape[2]} neurons; `held_in` lists {len(idx)}.")
         sel = torch.as_tensor(idx)

@@ -332,7 +332,9 @@ class Magma(Model):
         h = self.hyper
         if self.common_hp:
             return h.task_kernel, h.noise
-        k = default_kernel(None, self._min_lengthscale).to(self.dtype)
+        # the floor the training task kernels were fitted with (0 in files saved before floors existed)
+        bound = getattr(getattr(h.task_kernel.base_kernel, "raw_lengthscale_constraint", None), "lower_bound", None)
+        k = default_kernel(None, self._min_lengthscale if bound is None else float(bound)).to(self.dtype)
         with torch.no_grad():
             for p, q in zip(k.parameters(), h.task_kernel.parameters(), strict=True):
                 p.copy_(q.mean(0).reshape(p.shape))

@@ -157,7 +157,8 @@ class _MultitaskBase(Model):
                     history = self._optimize(X, t, yv, steps, lr, progress, tol)
                 with torch.no_grad():
                     value = float(self._lml(X, t, yv))
-                if best is None or (math.isfinite(value) and value > best[0]):
+                value = value if math.isfinite(value) else -math.inf  # a diverged start never wins
+                if best is None or value > best[0]:
                     best = (value, copy.deepcopy(self._state()), history, start)
             self._load_state(best[1])
             self.history = best[2]
@@ -302,7 +303,10 @@ class MultitaskGP(_MultitaskBase):
 
 
 def _restore(model, payload):
-    model.covariance.load_state_dict(payload["state"]["covariance"])
+    covariance = dict(payload["state"]["covariance"])
+    if isinstance(model.covariance, CrossSpectralCovariance):  # files from before the bandwidth floor: none
+        covariance.setdefault("min_scale", torch.zeros_like(model.covariance.min_scale))
+    model.covariance.load_state_dict(covariance)
     model.task_terms.load_state_dict(payload["state"]["task_terms"])
     d = payload["data"]
     model._train = (d["X"], d["t"], d["y"], payload["config"]["names"])
