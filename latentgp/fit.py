@@ -155,9 +155,14 @@ def optimize(
     return train(step, steps=steps, **train_kwargs)
 
 
-def run_svi(model, guide, *args, steps: int = 500, lr: float = 0.01, num_particles: int = 1, **train_kwargs):
-    """Pyro SVI (Trace_ELBO, Adam) on ``model``/``guide`` through :func:`train`."""
+def run_svi(model, guide, *args, steps: int = 500, lr: float = 0.01, num_particles: int = 1, elbo=None,
+            **train_kwargs):
+    """Pyro SVI (Adam) on ``model``/``guide`` through :func:`train`.
+
+    ``elbo``: a Pyro ELBO instance (default ``Trace_ELBO(num_particles)``); e.g. ``TraceMeanField_ELBO`` to use
+    KL divergences registered for the guide/model distribution pairs instead of sampled log-density ratios."""
     import pyro
 
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO(num_particles))
+    elbo = pyro.infer.Trace_ELBO(num_particles) if elbo is None else elbo
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), elbo)
     return train(lambda: svi.step(*args), steps=steps, **train_kwargs)

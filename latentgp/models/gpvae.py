@@ -14,9 +14,15 @@ levels of small calls, which dominate the step time at short T). Then
     ELBO = Σ_n E_q[log p(y_n | z_n)] - KL(q_n ‖ p),   KL = E_q[Σ log t] - log Z   (closed form),
 
 the expected log-likelihood by reparameterised Matheron draws from q. Encoder, decoder and kernel
-hyperparameters are trained jointly with Adam on minibatches of sequences through ``fit.optimize``.
+hyperparameters are trained jointly on minibatches of sequences, either with torch Adam through
+``fit.optimize`` (``method="adam"``) or through Pyro SVI (``method="svi"``): :meth:`GPVAE.pyro_model` /
+:meth:`GPVAE.pyro_guide` with a subsampled ``pyro.plate`` over sequences and the same exact KL, registered
+for the prior / posterior distribution pair (:mod:`latentgp.variational.amortised_pyro`).
 """
 from __future__ import annotations
+
+import contextlib
+import itertools
 
 import gpytorch
 import numpy as np
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data import DEFAULT_DTYPE, check_int, check_level, check_positive
-from ..fit import optimize, seeded, torch_threads
+from ..fit import optimize, run_svi, seeded, torch_threads
 from ..io import register_model, saved_dtype
 from ..kernels import Matern, state_space_form
 from ..variational.amortised import (
@@ -61,6 +67,15 @@ def gpvae_elbo(prior, encoder_out, y, decode, log_density, num_samples: int = 1,
     post, z = posterior_and_samples(prior, *encoder_out, num_samples, generator)
     loglik = log_density(y, decode(z)).sum((-1, -2)).mean(0)
     return {"loglik": loglik, "kl": post.kl, "elbo": loglik - post.kl, "posterior": post}
+
+
+def _same_key(a, b) -> bool:
+    """(batch, times, kernel parameter values) keys of :meth:`GPVAE._pyro_prior`: equal values, same grid object."""
+    return (a[0] == b[0] and a[1] is b[1] and len(a[2]) == len(b[2])
+            and all(torch.equal(x, y) for x, y in zip(a[2], b[2], strict=True)))
+
+
+_PYRO_NAMES = itertools.count()  # one pyro.module name per instance: the param store is keyed by name
 
 
 @register_model
@@ -118,6 +133,9 @@ class GPVAE(Model):
         self.net.decoder = None if decoder is None else decoder.to(dtype)
         self.history = None
         self._train = None
+        self._pyro_net = None  # during fit(method="svi"): the modules SVI trains (without the kernel if fixed)
+        self._pyro_name = f"gpvae{next(_PYRO_NAMES)}"
+        self._prior_stash = None  # (key, prior) from the last pyro_guide call, for the pyro_model call after it
 
     # ------------------------------------------------------------------ building blocks
     def _build(self, n_features: int, Y: torch.Tensor, times: torch.Tensor):
@@ -156,11 +174,17 @@ class GPVAE(Model):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, Y, times=None, *, steps: int = 500, lr: float = 0.01, batch_size: int | None = None,
-            num_samples: int = 1, learn_kernel: bool = True, progress=None, tol: float | None = None, seed=None):
-        """Train encoder, decoder (and kernel) on Y (sequences, time, features) by Adam on the ELBO.
+            num_samples: int = 1, learn_kernel: bool = True, method: str = "adam", progress=None,
+            tol: float | None = None, seed=None):
+        """Train encoder, decoder (and kernel) on Y (sequences, time, features) by maximising the ELBO.
 
-        ``batch_size`` sequences per step (default all); ``num_samples`` draws from q per step. The
-        loss in ``history`` is -ELBO per observed time step (sequences x time) of the minibatch."""
+        ``batch_size`` sequences per step (default all); ``num_samples`` draws from q per step.
+        ``method``: "adam" (torch Adam on the ELBO) or "svi" (Pyro SVI with ``TraceMeanField_ELBO`` on
+        :meth:`pyro_model` / :meth:`pyro_guide`, the same objective and the same exact KL; the Pyro param
+        store is scoped to the fit). The loss in ``history`` is -ELBO per observed time step
+        (sequences x time): of the minibatch for "adam", of the data set (minibatch scaled by N/batch) for "svi"."""
+        if method not in ("adam", "svi"):
+            raise ValueError(f"`method` must be 'adam' or 'svi'; got {method!r}.")
         arr = check_sequences(Y, "Y", self.likelihood)
         t = check_times(times, arr.shape[1], self.dtype)
         steps = check_int(steps, "steps")
@@ -178,6 +202,11 @@ class GPVAE(Model):
         self._train, self._times = y, t
         with seeded(seed):
             self._build(D, y, t)
+            if method == "svi":
+                with torch_threads(1):
+                    self.history = self._fit_svi(steps, lr, batch_size, num_samples, learn_kernel, progress, tol)
+                self._posterior()
+                return self
             params = [p for name, p in self.net.named_parameters() if learn_kernel or not name.startswith("kernel")]
             batches = minibatches(N, batch_size)
 
@@ -191,6 +220,81 @@ class GPVAE(Model):
                                         record=self._record, desc="GPVAE") if steps else None
         self._posterior()
         return self
+
+    def _fit_svi(self, steps, lr, batch_size, num_samples, learn_kernel, progress, tol):
+        """Pyro SVI on pyro_model/pyro_guide; ``learn_kernel=False`` keeps the kernel out of the param store."""
+        import pyro
+
+        learned = nn.Module()  # what SVI's optimiser sees, registered as one pyro.module
+        for name, child in self.net.named_children():
+            if learn_kernel or name != "kernel":
+                learned.add_module(name, child)
+        if "log_noise" in self.net._parameters:
+            learned.log_noise = self.net.log_noise
+        self._pyro_net = learned
+        N, T = self._train.shape[:2]
+        try:
+            with pyro.get_param_store().scope():
+                elbo = pyro.infer.TraceMeanField_ELBO(num_particles=num_samples, max_plate_nesting=1)
+                history = run_svi(self.pyro_model, self.pyro_guide, None, batch_size, steps=steps, lr=lr,
+                                  elbo=elbo, progress=progress, tol=tol, record=self._record,
+                                  desc="GPVAE SVI") if steps else None
+        finally:
+            self._pyro_net = None
+        if history is not None:
+            history["loss"] = history["loss"] / (N * T)  # per observed time step, as for method="adam"
+        return history
+
+    # ------------------------------------------------------------------ Pyro model / guide
+    def _pyro_data(self, Y):
+        if Y is None or Y is self._train:
+            self._require_fitted("pyro_model()/pyro_guide() without data")
+            return self._train
+        return self._new(Y)
+
+    @contextlib.contextmanager
+    def _pyro_sequences(self, Y, batch_size, guide: bool):
+        """Register the networks and open the (subsampled) plate over sequences: yields (y_batch, prior)."""
+        import pyro
+
+        y = self._pyro_data(Y)
+        pyro.module(self._pyro_name, self.net if self._pyro_net is None else self._pyro_net)
+        with pyro.plate("sequences", len(y), subsample_size=batch_size) as idx:
+            yield y[idx], self._pyro_prior(len(idx), guide)
+
+    def _pyro_prior(self, batch: int, guide: bool):
+        """The GP prior on the grid. SVI runs the guide, then the model at the same parameters: the guide's prior
+        is handed to the model once (valid while the kernel's parameters are unmodified) instead of rebuilt."""
+        key = (batch, self._times, [p.detach().clone() for p in self.net.kernel.parameters()])
+        stash, self._prior_stash = self._prior_stash, None
+        if not guide and stash is not None and _same_key(stash[0], key):
+            return stash[1]
+        prior = gp_prior(self.net.kernel, self._times, self.config["dense_max"], batch)
+        if guide:
+            self._prior_stash = (key, prior)
+        return prior
+
+    def pyro_model(self, Y=None, batch_size: int | None = None):
+        """Pyro model: z_n ~ GP prior (site "z", event (T, latent_dim)) and log p(y_n | z_n) (factor "y") in a
+        plate over sequences subsampled to ``batch_size`` (terms scaled by N / batch_size). ``Y`` defaults to
+        the training data; the networks must exist (after ``fit``; ``steps=0`` is enough). With
+        ``pyro.infer.TraceMeanField_ELBO`` the KL to :meth:`pyro_guide` is exact (registered closed form)."""
+        import pyro
+
+        from ..variational.amortised_pyro import GPPathPrior
+
+        with self._pyro_sequences(Y, batch_size, guide=False) as (y, prior):
+            z = pyro.sample("z", GPPathPrior(prior, len(y)))
+            pyro.factor("y", self._log_density(y, self.net.decoder(z)).sum((-1, -2)))
+
+    def pyro_guide(self, Y=None, batch_size: int | None = None):
+        """Pyro guide: z_n ~ q(z_n) = GP prior × encoder sites / Z, the amortised posterior."""
+        import pyro
+
+        from ..variational.amortised_pyro import AmortisedGPPosterior
+
+        with self._pyro_sequences(Y, batch_size, guide=True) as (y, prior):
+            pyro.sample("z", AmortisedGPPosterior(prior, *self._encode(y)))
 
     def _record(self):
         ls = self.net.kernel.lengthscale.detach().flatten().tolist()
