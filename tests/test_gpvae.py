@@ -103,12 +103,17 @@ def test_expected_loglik_term_vs_closed_form(setup):
 
 
 # ------------------------------------------------------------------ the model
+def tanh_latent_data(n_trials, n_bins, n_features, seed):
+    """Two GP latents (lengthscales 5 and 10 bins) -> tanh(x W) + 0.1 noise: (latents, observations)."""
+    x = gp_latents([5.0, 10.0], n_trials=n_trials, n_bins=n_bins, bin_width=1.0, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    W = rng.standard_normal((2, n_features))
+    return x, np.tanh(x @ W) + 0.1 * rng.standard_normal((n_trials, n_bins, n_features))
+
+
 @pytest.fixture(scope="module")
 def data():
-    x = gp_latents([5.0, 10.0], n_trials=24, n_bins=40, bin_width=1.0, seed=0)
-    rng = np.random.default_rng(1)
-    W = rng.standard_normal((2, 8))
-    return x, np.tanh(x @ W) + 0.1 * rng.standard_normal((24, 40, 8))
+    return tanh_latent_data(24, 40, 8, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from test_gpvae import tanh_latent_data
 from torch.distributions.kl import kl_divergence
 
 from latentgp.kernels import Matern
 from latentgp.models.gpvae import GPVAE
-from latentgp.simulate import gp_latents, r_squared_affine
+from latentgp.simulate import r_squared_affine
 from latentgp.variational.amortised import markov_prior
 from latentgp.variational.amortised_dense import dense_prior
 from latentgp.variational.amortised_pyro import AmortisedGPPosterior, GPPathPrior
@@ -16,10 +17,7 @@ from latentgp.variational.amortised_pyro import AmortisedGPPosterior, GPPathPrio
 
 @pytest.fixture(scope="module")
 def data():
-    x = gp_latents([5.0, 10.0], n_trials=16, n_bins=30, bin_width=1.0, seed=3)
-    rng = np.random.default_rng(4)
-    W = rng.standard_normal((2, 6))
-    return x, np.tanh(x @ W) + 0.1 * rng.standard_normal((16, 30, 6))
+    return tanh_latent_data(16, 30, 6, seed=3)
 
 
 def _mf_loss(model, batch_size=None):
