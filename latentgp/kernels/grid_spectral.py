@@ -31,6 +31,20 @@ __all__ = ["GaussianSpectralMixture", "StudentTSpectralMixture"]
 MAX_DERIVATIVE = 4
 
 
+
+def _constrained(raw: str) -> property:
+    """The constrained value of parameter ``raw`` (read and write, broadcast to its shape)."""
+
+    def get(self) -> Tensor:
+        return getattr(self, f"{raw}_constraint").transform(getattr(self, raw))
+
+    def put(self, value):
+        param = getattr(self, raw)
+        value = torch.as_tensor(value, dtype=param.dtype).expand_as(param)
+        self.initialize(**{raw: getattr(self, f"{raw}_constraint").inverse_transform(value)})
+
+    return property(get, put)
+
 class _SpectralMixture1D(gpytorch.kernels.Kernel):
     """Shared parameters, cosine part and derivative bookkeeping; subclasses give the envelope."""
 
@@ -52,23 +66,8 @@ class _SpectralMixture1D(gpytorch.kernels.Kernel):
         self.initialize_frequencies(max_frequency=float(num_mixtures))
 
     # -------------------------------------------------------------- parameters
-    @property
-    def means(self) -> Tensor:
-        return self.raw_means_constraint.transform(self.raw_means)
-
-    @means.setter
-    def means(self, value):
-        value = torch.as_tensor(value, dtype=self.raw_means.dtype).expand_as(self.raw_means)
-        self.initialize(raw_means=self.raw_means_constraint.inverse_transform(value))
-
-    @property
-    def scales(self) -> Tensor:
-        return self.raw_scales_constraint.transform(self.raw_scales)
-
-    @scales.setter
-    def scales(self, value):
-        value = torch.as_tensor(value, dtype=self.raw_scales.dtype).expand_as(self.raw_scales)
-        self.initialize(raw_scales=self.raw_scales_constraint.inverse_transform(value))
+    means = _constrained("raw_means")  # spectral means (cycles per input unit)
+    scales = _constrained("raw_scales")  # spectral widths, above min_scale
 
     @property
     def weights(self) -> Tensor:
