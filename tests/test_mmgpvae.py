@@ -254,7 +254,33 @@ def test_restarts_keep_the_best_start():
     one.fit(d["counts"], d["images"], steps=0, restarts=3, restart_steps=15, seed=0, progress=False)
     best = one.elbo(num_samples=16, seed=1)
     single = MultimodalGPVAE(shared_dim=2, private_dims=(0, 0), n_frequencies=5, bin_width=0.02)
-    single.fit(d["counts"], d["images"], steps=15, seed=0, progress=False)  # = the first of the restarts
+    single.fit(d["counts"], d["images"], steps=15, spike_warmup=0, seed=0, progress=False)  # = the first restart
     assert best >= single.elbo(num_samples=16, seed=1) - 1.0  # never worse than the first start (MC slack)
     with pytest.raises(ValueError, match="restarts"):
         MultimodalGPVAE(2, spike_encoder=torch.nn.Identity()).fit(d["counts"], d["images"], restarts=2)
+
+
+def test_spike_warmup_trains_the_spike_pathway_only(blob):
+    """The warm-up's objective is the spikes-only ELBO (no behaviour term) and it leaves the behaviour networks
+    at their initialisation; without it (spike_warmup=0) nothing moves at steps=0."""
+    counts, images = blob["counts"][:6], blob["images"][:6]
+
+    def fitted_with(warmup):
+        m = MultimodalGPVAE(2, (0, 0), n_frequencies=6, bin_width=0.02, hidden=8)
+        return m.fit(counts, images, steps=0, spike_warmup=warmup, seed=0, progress=False)
+
+    cold, warm = fitted_with(0), fitted_with(20)
+    for name, p in cold.net.named_parameters():
+        same = torch.equal(p, dict(warm.net.named_parameters())[name])
+        assert same == name.startswith(("behaviour", "log_noise")), name  # the behaviour networks and noise
+    y, b = warm._train
+    terms = warm.elbo_terms(y, None, encode=("spikes",))
+    full = warm.elbo_terms(y, b, encode=("spikes",))
+    assert torch.equal(terms["behaviour"], torch.zeros(len(y), dtype=y.dtype))
+    torch.testing.assert_close(terms["elbo"], full["spikes"] - full["kl"], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        gain = warm.elbo_terms(y, None, encode=("spikes",))["elbo"].sum() - \
+            cold.elbo_terms(y, None, encode=("spikes",))["elbo"].sum()
+    assert gain > 0  # 20 Adam steps on the spikes-only ELBO raise it
+    with pytest.raises(ValueError, match="spike_warmup"):
+        fitted_with(-1)

@@ -227,21 +227,24 @@ class MultimodalGPVAE(Model):
         return gaussian_log_density(behaviour, eta, self.net.log_noise, self.net.noise_floor)
 
     def elbo_terms(self, spikes, behaviour, num_samples: int = 1, encode=("spikes", "behaviour"), generator=None):
-        """ELBO terms per sequence: ``spikes`` (closed form), ``behaviour`` (MC over ``num_samples``),
-        ``kl`` and ``elbo``, each (B,); ``encode`` chooses which modalities' sites form q."""
+        """ELBO terms per sequence: ``spikes`` (closed form), ``behaviour`` (MC over ``num_samples``; 0 if
+        ``behaviour`` is None), ``kl`` and ``elbo``, each (B,); ``encode`` chooses which modalities' sites form q."""
         post = self.posterior(spikes if "spikes" in encode else None, behaviour if "behaviour" in encode else None)
         mean, var = fourier_marginals(post, self._basis)
         mu, v = self._spike_rate_moments(mean, var)
         spk = self.likelihood.expected(spikes, mu, v)[0].sum((-1, -2))
-        z = sample_fourier_posterior(post, self._basis, num_samples, generator)
-        beh = self._behaviour_log_density(behaviour, z).sum((-1, -2)).mean(0)
+        if behaviour is None:  # the spikes-only model (the warm-up's objective): no behaviour term
+            beh = torch.zeros_like(spk)
+        else:
+            z = sample_fourier_posterior(post, self._basis, num_samples, generator)
+            beh = self._behaviour_log_density(behaviour, z).sum((-1, -2)).mean(0)
         return {"spikes": spk, "behaviour": beh, "kl": post.kl, "elbo": spk + beh - post.kl, "posterior": post}
 
     # ------------------------------------------------------------------ fitting
     def fit(self, spikes, behaviour, *, steps: int = 1000, lr: float = 0.01, batch_size: int | None = None,
             num_samples: int = 1, modality_dropout: float = 0.25, learn_kernel: bool = True, restarts: int = 1,
-            restart_steps: int = 300, max_grad_norm: float | None = None, final_lr: float | None = None, progress=None,
-            tol: float | None = None, seed=None):
+            restart_steps: int = 300, max_grad_norm: float | None = None, final_lr: float | None = None,
+            spike_warmup: int | None = None, progress=None, tol: float | None = None, seed=None):
         """Adam on the ELBO over minibatches of sequences; history loss = -ELBO per (sequence x bin).
 
         ``restarts`` > 1 (default networks only): that many fresh initialisations are each trained for
@@ -251,6 +254,11 @@ class MultimodalGPVAE(Model):
         set it (e.g. 100) if a fit diverges -- a rare exploding minibatch can send the encoder to NaN.
         ``final_lr``: the last fifth of ``steps`` runs as a second Adam phase at this learning rate (e.g. lr / 10):
         with single-sample stochastic gradients a constant lr keeps the parameters jittering around an optimum.
+        ``spike_warmup`` (default ``steps // 5``): every fresh initialisation first trains the spike pathway alone
+        (spike encoder, readout, kernel) for that many steps on the spikes-only ELBO, then the full model. The
+        behaviour term is usually far larger (hundreds of pixels per bin against tens of neurons) and from a random
+        start it can settle the latents in a poor optimum that the log-linear spike readout then cannot undo; a
+        start from the spike model anchors them (measured: see BENCHMARKS.md). 0 disables it.
         """
         y = self._check_spikes(spikes, against_fit=False)  # a refit may change the data's shapes
         N, T, n_neurons = y.shape
@@ -267,6 +275,7 @@ class MultimodalGPVAE(Model):
         restarts, restart_steps = check_int(restarts, "restarts", 1), check_int(restart_steps, "restart_steps", 1)
         max_grad_norm = check_positive(max_grad_norm, "max_grad_norm", allow_none=True)
         final_lr = check_positive(final_lr, "final_lr", allow_none=True)
+        spike_warmup = steps // 5 if spike_warmup is None else check_int(spike_warmup, "spike_warmup")
         if restarts > 1 and any(v for k, v in self.config.items() if k.startswith("custom_")):
             raise ValueError("`restarts` > 1 re-initialises the default networks; it cannot be used with networks "
                              "you supplied (run several fits with different seeds instead).")
@@ -296,13 +305,25 @@ class MultimodalGPVAE(Model):
                 terms = self.elbo_terms(y[idx], b[idx], num_samples, encode)
                 return -terms["elbo"].sum() / (len(idx) * T)
 
-            def trainable():
-                return [p for name, p in self.net.named_parameters() if learn_kernel or not name.startswith("kernel")]
+            def spike_loss():
+                idx = next(batches)
+                return -self.elbo_terms(y[idx], None, encode=("spikes",))["elbo"].sum() / (len(idx) * T)
+
+            def trainable(spikes_only=False):
+                return [p for name, p in self.net.named_parameters() if (learn_kernel or not name.startswith("kernel"))
+                        and not (spikes_only and name.startswith(("behaviour", "log_noise")))]
+
+            def warm_up():
+                if spike_warmup:
+                    optimize(spike_loss, trainable(spikes_only=True), method="adam", steps=spike_warmup, lr=lr,
+                             progress=False, max_grad_norm=max_grad_norm)
 
             with torch_threads(1):
                 if restarts > 1:
                     self._best_of_restarts(restarts, restart_steps, loss, trainable, lr, kernel_start,
-                                           (n_neurons, b.shape[-1], y, b), max_grad_norm)
+                                           (n_neurons, b.shape[-1], y, b), max_grad_norm, warm_up)
+                else:
+                    warm_up()
                 tail = steps // 5 if final_lr is not None else 0
                 phases = [(n, rate) for n, rate in ((steps - tail, lr), (tail, final_lr)) if n]
                 parts = [optimize(loss, trainable(), method="adam", steps=n, lr=rate, progress=progress, tol=tol,
@@ -314,9 +335,9 @@ class MultimodalGPVAE(Model):
         return self
 
     def _best_of_restarts(self, restarts, restart_steps, loss, trainable, lr, kernel_start, build_args,
-                          max_grad_norm):
-        """Train ``restarts`` fresh starts briefly; keep the state with the highest ELBO (a start that
-        diverges scores -inf)."""
+                          max_grad_norm, warm_up):
+        """Train ``restarts`` fresh starts briefly (each after ``warm_up()``); keep the state with the highest
+        ELBO (a start that diverges scores -inf)."""
         import copy
         import math
 
@@ -327,6 +348,7 @@ class MultimodalGPVAE(Model):
                 self.net.kernel.load_state_dict(kernel_start)
                 self._build(*build_args)
             try:
+                warm_up()
                 optimize(loss, trainable(), method="adam", steps=restart_steps, lr=lr, progress=False,
                          max_grad_norm=max_grad_norm)
                 with torch.no_grad():
