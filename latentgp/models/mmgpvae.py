@@ -243,15 +243,15 @@ class MultimodalGPVAE(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, spikes, behaviour, *, steps: int = 1000, lr: float = 0.01, batch_size: int | None = None,
             num_samples: int = 1, modality_dropout: float = 0.25, learn_kernel: bool = True, restarts: int = 1,
-            restart_steps: int = 300, max_grad_norm: float | None = None, final_lr: float | None = None,
+            restart_steps: int = 300, max_grad_norm: float | None = 100.0, final_lr: float | None = None,
             spike_warmup: int | None = None, progress=None, tol: float | None = None, seed=None):
         """Adam on the ELBO over minibatches of sequences; history loss = -ELBO per (sequence x bin).
 
         ``restarts`` > 1 (default networks only): that many fresh initialisations are each trained for
         ``restart_steps`` steps, the one with the highest ELBO is kept and trained for ``steps`` more. The
         fit is seed-sensitive (a poor start can end in a poor local optimum); restarts trade time for it.
-        ``max_grad_norm``: clip Adam's gradient norm and skip non-finite steps (:func:`latentgp.fit.optimize`);
-        set it (e.g. 100) if a fit diverges -- a rare exploding minibatch can send the encoder to NaN.
+        ``max_grad_norm`` (default 100; None = no clipping): clip Adam's gradient norm and skip non-finite steps
+        (:func:`latentgp.fit.optimize`): without it a rare exploding minibatch can send the encoder to NaN.
         ``final_lr``: the last fifth of ``steps`` runs as a second Adam phase at this learning rate (e.g. lr / 10):
         with single-sample stochastic gradients a constant lr keeps the parameters jittering around an optimum.
         ``spike_warmup`` (default ``steps // 5``): every fresh initialisation first trains the spike pathway alone
