@@ -27,14 +27,15 @@ def _se(a, b, v, ell):
 
 
 def true_parameters(sim, seed: int, n_tasks: int, n_clusters: int, grid=None,
-                    task_variance=(1.0, np.e**3)) -> tuple[float, float, float]:
+                    task_variance=(1.0, np.e**3), common_cluster_hp: bool = True) -> tuple[float, float, float]:
     """(v, l, s2) of the tasks of ``simulate_magma(n_tasks, ., n_clusters, seed=seed)`` (default options,
     ``common_hp=True``); ``n_tasks`` counts training and new tasks."""
     rng = np.random.default_rng(seed)
     grid = np.linspace(0, 10, 201) if grid is None else np.sort(np.asarray(grid, dtype=float))
     intercepts, slopes = rng.uniform(20, 30, n_clusters), rng.uniform(-2, 2, n_clusters)
+    shared = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
     for k in range(n_clusters):
-        v, ell = rng.uniform(1, np.e**3), rng.uniform(1, np.e)
+        v, ell = shared if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
         w, V = np.linalg.eigh(_se(grid, grid, v, ell))
         draw = rng.standard_normal((1, len(w)))[0] @ (V * np.sqrt(np.clip(w, 0, None))).T
         curve = slopes[k] * grid + intercepts[k] + draw

@@ -1,18 +1,22 @@
 """Simulator for the MagmaClust generative model (Leroy et al.), long format as MagmaClustR uses.
 
-Cluster k has a mean process mu_k ~ GP(m_k, SE(v_k, l_k)) with a linear prior mean m_k(t) = a_k t + b_k;
+Cluster k has a mean process mu_k ~ GP(m_k, SE(v_k, l_k)) with a linear prior mean m_k(t) = a_k t + b_k
+(by default one (v, l) for all clusters);
 task i picks cluster z_i uniformly and observes y_i = mu_{z_i}(t_i) + f_i(t_i) + eps_i with
 f_i ~ GP(0, SE(v, l)) and eps ~ N(0, s2).
 
 Defaults follow the authors' simulation script for the MagmaClust paper (``simu_scheme`` in the
 MAGMAclust repository's ``Simulation_study.R``): grid of 201 inputs on [0, 10]; a in [-2, 2],
 b in [20, 30]; cluster and task variances in [1, e^3] (their log-variance in [0, 3]); lengthscales
-in [1, e]; s2 in [0, 0.1]; one set of task hyperparameters for all tasks; and ``common_inputs=True``:
+in [1, e]; s2 in [0, 0.1]; one set of hyperparameters for all clusters' mean processes and one for all
+tasks (their setting "Hoo", ``common_hp_k = common_hp_i = T``, the one of their prediction study:
+``loop_training_for_pred`` and ``res_pred_Hoo_M50.csv``); and ``common_inputs=True``:
 ONE draw of ``n_points`` grid inputs shared by every task, training and new (their
 ``common_times = T``, the setting of the reported table). An earlier version of this module drew
 b in [0, 10], task variances in [1, e] and separate inputs per task; ``intercepts=``,
-``task_variance=`` and ``common_inputs=False`` still give those variants. Draws only from
-``np.random.default_rng(seed)``.
+``task_variance=`` and ``common_inputs=False`` still give those variants; before 2026-11-26 each
+cluster drew its own (v_k, l_k) (``common_cluster_hp=False`` gives those data sets again, seed for
+seed). Draws only from ``np.random.default_rng(seed)``.
 """
 from __future__ import annotations
 
@@ -48,14 +52,15 @@ def _draw(rng, K, size):
 
 def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *, n_new: int = 0,
                    grid=None, intercepts=None, common_hp: bool = True, common_inputs: bool = True,
-                   task_variance=(1.0, np.e**3), seed=None) -> MagmaSimulation:
+                   task_variance=(1.0, np.e**3), common_cluster_hp: bool = True, seed=None) -> MagmaSimulation:
     """Simulate ``n_tasks`` training and ``n_new`` new tasks with ``n_points`` observations each.
 
     ``grid``: candidate inputs (default 201 points on [0, 10]); ``intercepts``: the b_k of the cluster
     prior means (default uniform on [20, 30]; pass e.g. [-15, 0, 15] for well-separated clusters);
     ``common_hp``: one set of task hyperparameters for all tasks, else one per task;
     ``common_inputs``: all tasks observe the same ``n_points`` inputs, else each task draws its own;
-    ``task_variance``: (low, high) of the uniform draw of the task deviations' variance.
+    ``task_variance``: (low, high) of the uniform draw of the task deviations' variance;
+    ``common_cluster_hp``: one (variance, lengthscale) for all clusters' mean processes, else one each.
     """
     n_tasks, n_points = check_int(n_tasks, "n_tasks", 1), check_int(n_points, "n_points", 1)
     n_clusters, n_new = check_int(n_clusters, "n_clusters", 1), check_int(n_new, "n_new")
@@ -69,11 +74,12 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     if intercepts.shape != (n_clusters,):
         raise ValueError(f"`intercepts` must have n_clusters={n_clusters} values; got {intercepts.shape}.")
     slopes = rng.uniform(-2, 2, n_clusters)
-    means = np.stack([
-        slopes[k] * grid + intercepts[k]
-        + _draw(rng, _se(grid, rng.uniform(1, np.e**3), rng.uniform(1, np.e)), 1)[0]
-        for k in range(n_clusters)
-    ])
+    shared = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
+    means = []
+    for k in range(n_clusters):  # per-cluster variant: (v_k, l_k, draw) per cluster, the earlier order
+        v, ell = shared if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
+        means.append(slopes[k] * grid + intercepts[k] + _draw(rng, _se(grid, v, ell), 1)[0])
+    means = np.stack(means)
     total = n_tasks + n_new
     z = rng.integers(0, n_clusters, total)
     low, high = (float(v) for v in task_variance)

@@ -193,8 +193,9 @@ def test_bad_input_raises_before_state_changes(rng, mutate, match):
 
 
 def _separated(seed, n_tasks=30, n_points=12):
+    # the data sets these tests were written on: one (variance, lengthscale) per cluster curve
     return simulate_magma(n_tasks, n_points, 3, n_new=3, grid=np.linspace(0, 10, 51), intercepts=[-15, 0, 15],
-                          seed=seed)
+                          common_cluster_hp=False, seed=seed)
 
 
 def test_magmaclust_recovers_clusters_and_predicts_with_mixture(tmp_path):
@@ -205,7 +206,8 @@ def test_magmaclust_recovers_clusters_and_predicts_with_mixture(tmp_path):
     assert np.allclose(cl.filter(like="prob_").sum(1), 1) and np.all(np.diff(model.history["loss"]) <= 1e-9)
     obs, target = split_observed(sim.new, 8)
     pred = model.predict(obs, target, include_noise=True)
-    probs = pred.attrs["clusters"]
+    probs = pd.DataFrame.from_dict(pred.attrs["clusters"], orient="index")
+    assert len(pd.concat([pred, pred])) == 2 * len(pred)  # attrs are plain dicts: concat does not choke on them
     truth = sim.clusters[probs.index]
     # each new task is assigned to the same (permuted) cluster as training tasks of its true cluster
     train_map = pd.Series(cl["cluster"].to_numpy(), index=sim.clusters[cl.index].to_numpy()).groupby(level=0).first()
@@ -296,8 +298,8 @@ def test_poor_clusterings_are_the_models_optimum_not_a_poor_start():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from magma_oracle import bayes_labels, true_parameters
 
-    sim = simulate_magma(30, 15, 3, seed=7)
-    bayes = bayes_labels(sim, true_parameters(sim, 7, 30, 3))
+    sim = simulate_magma(30, 15, 3, common_cluster_hp=False, seed=7)  # the data set this test was written on
+    bayes = bayes_labels(sim, true_parameters(sim, 7, 30, 3, common_cluster_hp=False))
     ari_bayes = adjusted_rand_score(sim.clusters[bayes.index], bayes)
     fits = {}
     for start in ("kmeans", "truth"):
@@ -313,3 +315,29 @@ def test_poor_clusterings_are_the_models_optimum_not_a_poor_start():
     assert ari_bayes < 0.8 and fits["truth"][0] < 0.8, (ari_bayes, fits)
     assert fits["kmeans"][1] >= fits["truth"][1] - 1.0, fits
     assert fits["kmeans"][0] >= ari_bayes - 0.1, (ari_bayes, fits)
+
+
+def test_common_cluster_hyperparameters_in_simulator_oracle_and_model(tmp_path):
+    """The authors' "Hoo" setting: one (variance, lengthscale) for all cluster curves, in the simulator
+    (the oracle's replay of its draws checks the curves) and as a MagmaClust option (one unbatched
+    mean-process kernel, kept by save/load)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from magma_oracle import true_parameters
+
+    for common in (True, False):
+        sim = simulate_magma(8, 6, 3, seed=5, common_cluster_hp=common)
+        true_parameters(sim, 5, 8, 3, common_cluster_hp=common)  # raises if the replay disagrees
+    with pytest.raises(RuntimeError, match="replay"):
+        true_parameters(sim, 5, 8, 3, common_cluster_hp=True)
+    sim = _separated(3, n_tasks=15, n_points=8)
+    model = MagmaClust(3, common_cluster_hp=True).fit(sim.train, steps=2, inner_steps=3, progress=False, seed=0)
+    # one mean kernel (2) + task kernel (2) + noise + 2 mixture weights
+    assert model.hyper.mean_kernel.outputscale.shape == () and model.n_parameters() == 5 + 2
+    model.save(tmp_path / "hoo.pt")
+    again = latentgp.load(tmp_path / "hoo.pt")
+    assert again._common_cluster_hp and again.elbo() == pytest.approx(model.elbo(), abs=1e-9)
+    with pytest.raises(TypeError, match="common_cluster_hp"):
+        MagmaClust(3, common_cluster_hp=1)

@@ -119,7 +119,7 @@ p_magma = magma.predict(obs_one, grid)
 gp = GPRegressor().fit(obs_one[["Time"]], obs_one["weight"], steps=5 if SMOKE else 50, progress=False)
 p_gp = gp.predict(grid)
 print(f"chick {one}: posterior cluster probabilities")
-p_clust.attrs["clusters"].round(3)
+pd.DataFrame.from_dict(p_clust.attrs["clusters"], orient="index").round(3)
 
 # %%
 truth = new[new["Chick"] == one]

@@ -21,6 +21,7 @@ from ..data import DEFAULT_DTYPE, as_new_inputs, check_int, check_level
 from ..fit import optimize, seeded, torch_threads, train
 from ..io import kernel_from_spec, kernel_spec, register_model, saved_dtype
 from . import mean_process as mp
+from . import new_tasks as nt
 from .base import Model, prediction_frame
 
 
@@ -93,6 +94,7 @@ class Magma(Model):
     """
 
     _n_clusters = 1
+    _common_cluster_hp = True  # one mean process
 
     def __init__(self, kernel=None, task_kernel=None, common_hp: bool = True, prior_mean: float | None = None,
                  dtype=DEFAULT_DTYPE):
@@ -127,7 +129,7 @@ class Magma(Model):
         self._min_lengthscale = lengthscale_floor(tasks.union)
         floor = self._min_lengthscale
         mean_k = (copy.deepcopy(self.kernel) if self.kernel is not None
-                  else default_kernel(K if K > 1 else None, floor))
+                  else default_kernel(None if K == 1 or self._common_cluster_hp else K, floor))
         task_k = (copy.deepcopy(self.task_kernel) if self.task_kernel is not None
                   else default_kernel(None if self.common_hp else M, floor))
         # Noise floor 1e-6 var(y): with SE task kernels on a shared grid, noise -> 0 makes Psi_i singular
@@ -273,108 +275,134 @@ class Magma(Model):
         return as_new_inputs(x_new, self._train[0].columns, name, dtype=self.dtype).values
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, df_new, x_new, level: float = 0.95, include_noise: bool = False, *, new_task_steps: int = 20):
+    def predict(self, df_new, x_new, level: float = 0.95, include_noise: bool = False, *,
+                new_task_hp: str | None = None, new_task_steps: int = 200):
         """Predict new task(s) at ``x_new`` from their observations ``df_new`` (long format, same column
         names as in ``fit``; the ID column is optional — without it all rows are one task).
 
         ``x_new``: inputs shared by every new task, or a DataFrame with the ID column (each task is
         predicted at its own rows). Returns a DataFrame: [ID], input columns, mean, var, lower, upper
         (latent curve mu + f_*; add the noise with ``include_noise=True``). For MagmaClust the prediction
-        is the mixture over clusters weighted by the task's posterior cluster probabilities (mean and
-        variance of the mixture; the interval is the normal one with those moments) and the probabilities
-        are in ``attrs["clusters"]``.
-        With per-task hyperparameters, the new task's are fitted (``new_task_steps`` L-BFGS iterations)
-        from the training tasks' average.
+        is the mixture over clusters weighted by the task's posterior cluster probabilities
+        tau*_k ∝ pi_k N(y*; mhat_k, Chat_k + Psi*) (mean and variance of the mixture; the interval is the
+        normal one with those moments) and the probabilities are in ``attrs["clusters"]`` ({task: {"prob_k": p}};
+        ``pd.DataFrame.from_dict(pred.attrs["clusters"], orient="index")`` makes it a table).
+
+        ``new_task_hp``: the new task's own kernel and noise. ``"shared"`` uses the trained ones (only with
+        ``common_hp=True``); ``"fit"`` fits them to the task's own points, maximising its evidence
+        log sum_k pi_k N(y*; mhat_k, Chat_k + Psi*) given the trained mean processes, from the trained values
+        (or their average over training tasks): at most ``new_task_steps`` L-BFGS iterations, one run per
+        16 new tasks (their objectives are independent; the run stops when the sum converges). Default:
+        ``"shared"`` with ``common_hp=True``, ``"fit"`` otherwise -- as the authors' MagmaClustR
+        (``pred_magmaclust`` / ``train_gp_clust``) and their simulation study (common hyperparameters,
+        "Hoo"). ``"fit"`` needs the default task kernel. The values used are in ``attrs["new_task_hp"]``
+        (NaN where a custom kernel has no such parameter). New tasks are computed in batches (padded to a
+        common length), not one by one.
         """
         self._require_fitted("predict()")
         check_level(level)
+        mode = self._new_task_mode(new_task_hp)
+        steps = check_int(new_task_steps, "new_task_steps")
         names = self._train[1]
         if not isinstance(df_new, pd.DataFrame):
             raise TypeError(f"`df_new` must be a pandas DataFrame (long format); got {type(df_new).__name__}.")
         id_col = names["id"] if names["id"] in df_new.columns else None
         ids, X, y, _ = mp.read_long(df_new, id_col, names["x"], names["y"], name="df_new", min_points=1)
+        labels = pd.unique(ids)
+        codes = pd.Index(labels).get_indexer(ids)
         # x_new with the ID column: each task is predicted at its own rows; otherwise all at x_new.
         per_task = id_col is not None and isinstance(x_new, pd.DataFrame) and id_col in x_new.columns
         if per_task:
-            missing = set(pd.unique(x_new[id_col])) - set(pd.unique(ids))
+            missing = set(pd.unique(x_new[id_col])) - set(labels)
             if missing:
                 raise ValueError(f"`x_new` has IDs without observations in `df_new`: {sorted(missing)[:5]}.")
-        S = None if per_task else self._new_inputs(x_new, "x_new")
+            S = self._new_inputs(x_new[names["x"]], "x_new").numpy()
+            scodes = pd.Index(labels).get_indexer(x_new[id_col].to_numpy())
+        else:
+            S = np.tile(self._new_inputs(x_new, "x_new").numpy(), (len(labels), 1))
+            scodes = np.repeat(np.arange(len(labels)), len(S) // len(labels))
+        tasks, slot = self._pad_new(codes, X, y, scodes, S, len(labels))
         with torch_threads(1):
-            frames, probs = self._predict_tasks(ids, X, y, S, x_new, id_col, per_task, include_noise,
-                                                new_task_steps, level)
-        out = pd.concat(frames, ignore_index=True)
-        index = pd.Index(pd.unique(ids), name=id_col or "ID")
-        out.attrs["clusters"] = pd.DataFrame(np.stack(probs), index=index,
-                                             columns=[f"prob_{k}" for k in range(self._n_clusters)])
+            size = nt.FIT_GROUP if mode == "fit" else nt.CHUNK
+            parts = [self._predict_batch(tasks[i:i + size], include_noise, mode, steps)
+                     for i in range(0, len(labels), size)]
+        probs, mean, var, hp = (torch.cat(t) for t in zip(*parts, strict=True))
+        order = np.argsort(scodes, kind="stable")  # tasks in order of first appearance, rows as given
+        rows, sl = scodes[order], slot[order]
+        at = (torch.as_tensor(rows), torch.as_tensor(sl))
+        out = prediction_frame(torch.as_tensor(S[order]), self._train[0].columns, mean[at], var[at], level)
+        if id_col is not None:
+            out.insert(0, id_col, labels[rows])
+        # plain {task: {column: value}} dicts, not DataFrames: pd.concat compares the frames' attrs with ==,
+        # which raises for DataFrame values (read them back with pd.DataFrame.from_dict(..., orient="index"))
+        out.attrs["clusters"] = {task: dict(zip([f"prob_{k}" for k in range(self._n_clusters)], row, strict=True))
+                                 for task, row in zip(labels.tolist(), probs.tolist(), strict=True)}
+        out.attrs["new_task_hp"] = {task: dict(zip(["task_outputscale", "task_lengthscale", "noise"], row, strict=True))
+                                    for task, row in zip(labels.tolist(), hp.tolist(), strict=True)}
         return out
 
-    def _predict_tasks(self, ids, X, y, S, x_new, id_col, per_task, include_noise, steps, level):
-        """One small conditioning per new task (a handful of tasks, each with its own inputs)."""
-        names = self._train[1]
-        frames, probs = [], []
-        for label in pd.unique(ids):
-            sel = ids == label
-            if per_task:
-                S = self._new_inputs(x_new[x_new[id_col] == label][names["x"]], "x_new")
-            Xo = torch.as_tensor(X[sel], dtype=self.dtype)
-            yo = torch.as_tensor(y[sel], dtype=self.dtype)
-            mean, var, p = self._predict_one(Xo, yo, S, include_noise, steps)
-            frame = prediction_frame(S, self._train[0].columns, mean, var, level)
-            if id_col is not None:
-                frame.insert(0, id_col, label)
-            frames.append(frame)
-            probs.append(p)
-        return frames, probs
+    def _new_task_mode(self, new_task_hp):
+        if new_task_hp is None:
+            return "shared" if self.common_hp else "fit"
+        if new_task_hp not in ("shared", "fit"):
+            raise ValueError(f"`new_task_hp` must be None, 'shared' or 'fit'; got {new_task_hp!r}.")
+        if new_task_hp == "shared" and not self.common_hp:
+            raise ValueError("`new_task_hp='shared'` needs common_hp=True: with per-task hyperparameters there "
+                             "are none to share; use 'fit'.")
+        if new_task_hp == "fit" and self.task_kernel is not None:
+            raise ValueError("`new_task_hp='fit'` needs the default task kernel (one batched copy per new task); "
+                             "with a custom task_kernel use 'shared'.")
+        return new_task_hp
 
-    def _new_task_hyper(self, Xo, yo, steps):
-        """Task kernel and noise for a new task: shared ones, or fitted from the training tasks' average."""
+    def _pad_new(self, codes, X, y, scodes, S, M):
+        """Padded new tasks and the padded slot of each target row; padding inputs repeat the task's
+        first observed input (finite, harmless)."""
+        first = X[np.unique(codes, return_index=True)[1]]
+        Xp, obs, _, _ = nt.pad_rows(codes, M, X, first)
+        yp, _, _, _ = nt.pad_rows(codes, M, y, np.zeros(M))
+        Sp, target, _, slot = nt.pad_rows(scodes, M, S, first)
+        t = lambda a: torch.as_tensor(a, dtype=self.dtype)  # noqa: E731
+        tasks = nt.NewTasks(t(np.concatenate([Xp, Sp], 1)), t(yp * obs), torch.as_tensor(obs),
+                            torch.as_tensor(target))
+        return tasks, slot
+
+    def _predict_batch(self, tasks: nt.NewTasks, include_noise, mode, steps):
+        """Cluster probabilities (M, K), mixture mean and variance at the padded targets (M, s) and the
+        task hyperparameters used (M, 3)."""
         h = self.hyper
-        if self.common_hp:
-            return h.task_kernel, h.noise
+        log_pi = torch.as_tensor(np.log(np.clip(self.pi_, 1e-300, None)), dtype=self.dtype)
+        with torch.no_grad():  # q(mu_k) at the tasks' inputs does not depend on their hyperparameters
+            mean, V = nt.mean_at(self._post, h.mean_kernel, self._train[0].union, self._pm(), tasks.G)
+        kernel, noise = self._new_task_hyper(tasks, mean, V, log_pi, mode, steps)
+        with torch.no_grad():
+            logpost, cmean, cvar = nt.evidence(tasks, mean, V, kernel(tasks.G).to_dense(), noise, log_pi)
+            if include_noise:
+                cvar = cvar + torch.as_tensor(noise, dtype=self.dtype).reshape(-1, 1, 1)
+            return (*nt.mixture(logpost, cmean, cvar), nt.hyper_table(kernel, noise, tasks.G.shape[0]))
+
+    def _new_task_hyper(self, tasks, mean, V, log_pi, mode, steps):
+        """Task kernel and noise of the new tasks: the shared ones, or one batched set fitted per task."""
+        h = self.hyper
+        if mode == "shared":
+            return h.task_kernel, h.noise.detach()
+        M = tasks.G.shape[0]
         # the floor the training task kernels were fitted with (0 in files saved before floors existed)
         bound = getattr(getattr(h.task_kernel.base_kernel, "raw_lengthscale_constraint", None), "lower_bound", None)
-        k = default_kernel(None, self._min_lengthscale if bound is None else float(bound)).to(self.dtype)
-        with torch.no_grad():
+        k = default_kernel(M, self._min_lengthscale if bound is None else float(bound)).to(self.dtype)
+        with torch.no_grad():  # start: the shared values, or the training tasks' average (raw scale)
             for p, q in zip(k.parameters(), h.task_kernel.parameters(), strict=True):
-                p.copy_(q.mean(0).reshape(p.shape))
-        raw_noise = torch.nn.Parameter(h.raw_noise.detach().mean().clone())
+                p.copy_((q if self.common_hp else q.mean(0)).expand_as(p))
+        raw_noise = torch.nn.Parameter(h.raw_noise.detach().mean().expand(M).clone())
+        noise = lambda: h.raw_noise_constraint.transform(raw_noise)  # noqa: E731
         if steps > 0:
-            optimize(lambda: -self._evidence(Xo, yo, Xo[:0], k, h.raw_noise_constraint.transform(raw_noise))[0],
-                     list(k.parameters()) + [raw_noise], steps=steps, progress=False, tol=1e-9)
-        return k, h.raw_noise_constraint.transform(raw_noise).detach()
+            Go, n_obs = tasks.G[:, :tasks.n], tasks.obs.sum()
 
-    def _evidence(self, Xo, yo, S, task_kernel, noise):
-        """log sum_k pi_k N(y_o; mhat_k(t_o), Khat_k + K_task + noise I) and the per-cluster conditionals at S."""
-        h, U, K = self.hyper, self._train[0].union, self._n_clusters
-        G = torch.cat([Xo, S])
-        o = Xo.shape[0]
-        C_star = h.mean_kernel(U, G).to_dense().expand(K, U.shape[0], G.shape[0])
-        C_gg = h.mean_kernel(G).to_dense().expand(K, G.shape[0], G.shape[0])
-        mean, V = self._post.at(C_star, C_gg, self._pm())
-        Sig = V + task_kernel(G).to_dense()
-        Soo = Sig[:, :o, :o] + noise * torch.eye(o, dtype=self.dtype)
-        L = torch.linalg.cholesky(Soo)
-        resid = (yo - mean[:, :o]).unsqueeze(-1)
-        z = torch.linalg.solve_triangular(L, resid, upper=False)
-        logev = (-0.5 * (z * z).sum((-1, -2)) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-                 - 0.5 * o * np.log(2 * np.pi))
-        logpost = logev + torch.as_tensor(np.log(np.clip(self.pi_, 1e-300, None)), dtype=self.dtype)
-        W = torch.linalg.solve_triangular(L, Sig[:, :o, o:], upper=False)  # (K, o, s)
-        cmean = mean[:, o:] + (W.mT @ z).squeeze(-1)
-        cvar = Sig[:, o:, o:].diagonal(dim1=-2, dim2=-1) - (W * W).sum(-2)
-        return torch.logsumexp(logpost, 0), logpost, cmean, cvar.clamp_min(0.0)
+            def loss():  # the tasks' objectives are independent: their sum has the same optimum per task
+                logpost, _, _ = nt.evidence(tasks, mean, V, k(Go).to_dense(), noise(), log_pi, targets=False)
+                return -torch.logsumexp(logpost, -1).sum() / n_obs
 
-    def _predict_one(self, Xo, yo, S, include_noise, steps):
-        task_kernel, noise = self._new_task_hyper(Xo, yo, check_int(steps, "new_task_steps"))
-        with torch.no_grad():
-            total, logpost, cmean, cvar = self._evidence(Xo, yo, S, task_kernel, noise)
-            p = torch.softmax(logpost, 0)
-            if include_noise:
-                cvar = cvar + noise
-            mean = (p[:, None] * cmean).sum(0)
-            var = (p[:, None] * (cvar + cmean**2)).sum(0) - mean**2
-        return mean, var.clamp_min(0.0), p.numpy()
+            optimize(loss, list(k.parameters()) + [raw_noise], steps=steps, progress=False, tol=1e-9)
+        return k, noise().detach()
 
     # ------------------------------------------------------------------ plotting
     def plot_prediction(self, pred: pd.DataFrame, observed: pd.DataFrame | None = None, *, ax=None,

@@ -46,12 +46,18 @@ class MagmaClust(Magma):
     kernel : gpytorch Kernel, optional
         Covariance of the mean processes. Default: one ``ScaleKernel(RBFKernel())`` per cluster (batched);
         a kernel given here is shared by all clusters.
+    common_cluster_hp : bool
+        With the default kernel: one set of mean-process hyperparameters for all clusters (MagmaClustR's
+        ``shared_hp_k=TRUE``, the authors' simulation setting "Hoo") instead of one per cluster (default).
     task_kernel, common_hp, prior_mean : as in :class:`Magma`.
     """
 
     def __init__(self, n_clusters: int = 3, kernel=None, task_kernel=None, common_hp: bool = True,
-                 prior_mean: float | None = None, dtype=DEFAULT_DTYPE):
+                 prior_mean: float | None = None, common_cluster_hp: bool = False, dtype=DEFAULT_DTYPE):
         self._n_clusters = check_int(n_clusters, "n_clusters", 1)
+        if not isinstance(common_cluster_hp, bool):
+            raise TypeError(f"`common_cluster_hp` must be True or False; got {common_cluster_hp!r}.")
+        self._common_cluster_hp = common_cluster_hp
         super().__init__(kernel=kernel, task_kernel=task_kernel, common_hp=common_hp, prior_mean=prior_mean,
                          dtype=dtype)
 
@@ -99,26 +105,28 @@ class MagmaClust(Magma):
         return self.elbo_ - 0.5 * self.n_parameters() * math.log(self._train[0].n_obs)
 
     def _config(self):
-        return {**super()._config(), "n_clusters": self._n_clusters}
+        return {**super()._config(), "n_clusters": self._n_clusters, "common_cluster_hp": self._common_cluster_hp}
 
     @classmethod
     def _make(cls, cfg, kernel, task_kernel, dtype):
         return cls(n_clusters=cfg["n_clusters"], kernel=kernel, task_kernel=task_kernel, common_hp=cfg["common_hp"],
-                   prior_mean=cfg["prior_mean"], dtype=dtype)
+                   prior_mean=cfg["prior_mean"], common_cluster_hp=cfg.get("common_cluster_hp", False), dtype=dtype)
 
 
 def select_n_clusters(df, candidates=(1, 2, 3, 4, 5), *, criterion: str = "vbic", id: str = "ID", x="Input",
                       y: str = "Output", **fit_kwargs):
     """Fit one :class:`MagmaClust` per number of clusters in ``candidates`` and keep the best by
-    ``criterion`` ("vbic" or "elbo"). Extra keyword arguments go to ``MagmaClust`` (kernel, common_hp, ...)
-    or to ``fit`` (steps, seed, ...). Returns ``(best_model, table)``, table: n_clusters, elbo, vbic.
+    ``criterion`` ("vbic" or "elbo"). Extra keyword arguments go to ``MagmaClust`` (kernel, common_hp,
+    common_cluster_hp, ...) or to ``fit`` (steps, seed, ...). Returns ``(best_model, table)``, table:
+    n_clusters, elbo, vbic.
     """
     if criterion not in ("vbic", "elbo"):
         raise ValueError(f"`criterion` must be 'vbic' or 'elbo'; got {criterion!r}.")
     candidates = [check_int(k, "candidates", 1) for k in candidates]
     if not candidates:
         raise ValueError("`candidates` is empty.")
-    ctor = {k: fit_kwargs.pop(k) for k in ("kernel", "task_kernel", "common_hp", "prior_mean") if k in fit_kwargs}
+    ctor = {k: fit_kwargs.pop(k) for k in ("kernel", "task_kernel", "common_hp", "prior_mean", "common_cluster_hp")
+            if k in fit_kwargs}
     rows, models = [], {}
     for K in candidates:
         model = MagmaClust(n_clusters=K, **ctor).fit(df, id=id, x=x, y=y, **fit_kwargs)
