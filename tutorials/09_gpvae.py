@@ -122,6 +122,10 @@ plt.show()
 
 # %% [markdown]
 # ## Notes
+# * `MultimodalGPVAE.fit` first trains the spike pathway alone for `spike_warmup` steps (default a fifth of
+#   `steps`): the image term is far larger than the spike term and, from a random start, can settle the
+#   latents in a warped optimum that the log-linear spike readout cannot undo. `restarts=3` adds robustness
+#   (the benchmark uses it: latent R² above GPFA on 5 of 5 seeds, BENCHMARKS.md).
 # * `GPVAE.fit` / `MultimodalGPVAE.fit` train with Adam on minibatches of sequences through the
 #   library's one training loop; `history` has the loss and the lengthscales per step.
 # * Save with `model.save(path)`, load with `latentgp.load(path)` (weights only). Models trained with
