@@ -124,6 +124,10 @@ def describe_diff(df, name="MagmaClust") -> str:
     return f"mean {diff.mean():+.3f}, min {diff.min():+.3f}, max {diff.max():+.3f}"
 
 
+def per_task_csv(common_cluster_hp: bool) -> str:
+    return "magma_per_task.csv" if common_cluster_hp else "magma_per_task_per_cluster_hp.csv"
+
+
 def main(quick: bool = False, jobs: int = 1, common_cluster_hp: bool = True):
     torch.set_num_threads(1)
     info = machine()
@@ -138,7 +142,9 @@ def main(quick: bool = False, jobs: int = 1, common_cluster_hp: bool = True):
         results = [run(s) for s in seeds]
     df = pd.DataFrame([r for res in results for r in res])
     OUTPUT.mkdir(exist_ok=True)
-    df.to_csv(OUTPUT / "magma_per_task.csv", index=False)  # per new task, for per-data-set analyses
+    # per new task, for per-data-set analyses (magma_ordering.py); one file per data setting
+    df.assign(cluster_hp="common" if common_cluster_hp else "per-cluster").to_csv(
+        OUTPUT / per_task_csv(common_cluster_hp), index=False)
     summary = []
     for name, d in df.groupby("method", sort=False):
         per_set = d.groupby("seed")

@@ -24,6 +24,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_magma import per_task_csv  # noqa: E402
 from common import OUTPUT  # noqa: E402
 
 from latentgp.simulate_magma import simulate_magma, split_observed  # noqa: E402
@@ -44,7 +45,7 @@ def geometry(seed: int, common_cluster_hp: bool) -> dict:
 
 
 def main(common_cluster_hp: bool = True) -> pd.DataFrame:
-    df = pd.read_csv(OUTPUT / "magma_per_task.csv")
+    df = pd.read_csv(OUTPUT / per_task_csv(common_cluster_hp))
     per_set = df.groupby(["seed", "method"])["mse"].mean().unstack()
     table = pd.DataFrame([geometry(s, common_cluster_hp) for s in per_set.index]).set_index("seed")
     table["magma_over_gp"] = per_set["Magma"] / per_set[GP]

@@ -292,12 +292,13 @@ class Magma(Model):
         ``common_hp=True``); ``"fit"`` fits them to the task's own points, maximising its evidence
         log sum_k pi_k N(y*; mhat_k, Chat_k + Psi*) given the trained mean processes, from the trained values
         (or their average over training tasks): at most ``new_task_steps`` L-BFGS iterations, one run per
-        16 new tasks (their objectives are independent; the run stops when the sum converges). Default:
+        new task (so a task's answer does not depend on the tasks predicted with it). Default:
         ``"shared"`` with ``common_hp=True``, ``"fit"`` otherwise -- as the authors' MagmaClustR
         (``pred_magmaclust`` / ``train_gp_clust``) and their simulation study (common hyperparameters,
         "Hoo"). ``"fit"`` needs the default task kernel. The values used are in ``attrs["new_task_hp"]``
         (NaN where a custom kernel has no such parameter). New tasks are computed in batches (padded to a
-        common length), not one by one.
+        common length; only the blocks the forecast needs, never the targets x targets covariance, in chunks
+        sized to bound memory), not one by one.
         """
         self._require_fitted("predict()")
         check_level(level)
@@ -323,7 +324,9 @@ class Magma(Model):
             scodes = np.repeat(np.arange(len(labels)), len(S) // len(labels))
         tasks, slot = self._pad_new(codes, X, y, scodes, S, len(labels))
         with torch_threads(1):
-            size = nt.FIT_GROUP if mode == "fit" else nt.CHUNK
+            g = tasks.G.shape[1]
+            size = nt.FIT_GROUP if mode == "fit" else nt.chunk_size(self._n_clusters, len(self._train[0].union),
+                                                                     g, tasks.n)
             parts = [self._predict_batch(tasks[i:i + size], include_noise, mode, steps)
                      for i in range(0, len(labels), size)]
         probs, mean, var, hp = (torch.cat(t) for t in zip(*parts, strict=True))
@@ -372,10 +375,11 @@ class Magma(Model):
         h = self.hyper
         log_pi = torch.as_tensor(np.log(np.clip(self.pi_, 1e-300, None)), dtype=self.dtype)
         with torch.no_grad():  # q(mu_k) at the tasks' inputs does not depend on their hyperparameters
-            mean, V = nt.mean_at(self._post, h.mean_kernel, self._train[0].union, self._pm(), tasks.G)
+            mean, V = nt.mean_at(self._post, h.mean_kernel, self._train[0].union, self._pm(), tasks.G, tasks.n)
         kernel, noise = self._new_task_hyper(tasks, mean, V, log_pi, mode, steps)
         with torch.no_grad():
-            logpost, cmean, cvar = nt.evidence(tasks, mean, V, kernel(tasks.G).to_dense(), noise, log_pi)
+            logpost, cmean, cvar = nt.evidence(tasks, mean, V, nt.kernel_blocks(kernel, tasks.G, tasks.n), noise,
+                                               log_pi)
             if include_noise:
                 cvar = cvar + torch.as_tensor(noise, dtype=self.dtype).reshape(-1, 1, 1)
             return (*nt.mixture(logpost, cmean, cvar), nt.hyper_table(kernel, noise, tasks.G.shape[0]))
@@ -395,10 +399,11 @@ class Magma(Model):
         raw_noise = torch.nn.Parameter(h.raw_noise.detach().mean().expand(M).clone())
         noise = lambda: h.raw_noise_constraint.transform(raw_noise)  # noqa: E731
         if steps > 0:
-            Go, n_obs = tasks.G[:, :tasks.n], tasks.obs.sum()
+            n_obs, V_obs = tasks.obs.sum(), nt.Blocks(V.oo, None, None)
 
-            def loss():  # the tasks' objectives are independent: their sum has the same optimum per task
-                logpost, _, _ = nt.evidence(tasks, mean, V, k(Go).to_dense(), noise(), log_pi, targets=False)
+            def loss():  # one task per run (nt.FIT_GROUP): its own step lengths and curvature
+                logpost, _, _ = nt.evidence(tasks, mean, V_obs, nt.kernel_blocks(k, tasks.G, tasks.n, False), noise(),
+                                            log_pi)
                 return -torch.logsumexp(logpost, -1).sum() / n_obs
 
             optimize(loss, list(k.parameters()) + [raw_noise], steps=steps, progress=False, tol=1e-9)

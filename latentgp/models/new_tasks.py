@@ -26,20 +26,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .mean_process import MeanPosterior
 
-# Tasks per batch: bounds the (K, N, batch * g) cross-covariance with the training inputs.
-CHUNK = 256
-# Tasks whose hyperparameters are fitted together. Their objectives are independent, but one L-BFGS run
-# shares its step length and curvature memory among them, so it needs more iterations the more tasks it
-# holds: measured on 100 new tasks of the authors' simulation, 16 per run converge within 200
-# iterations (largest gap to the per-task optimum 2e-4 nats, 4.2 s CPU) where one run over all 100
-# was still 0.16 nats short after 1,000 (12.7 s) and one run per task of 20 iterations 0.16 short (5.6 s).
-FIT_GROUP = 16
+# Elements per (K, N, tasks x g) cross-covariance with the training inputs (8 bytes each in float64):
+# chunks of new tasks are sized so that it and its solve stay near 128 MB each.
+BUDGET = 2**24
+# Tasks whose hyperparameters are fitted in one L-BFGS run. Their objectives are independent, but one run
+# shares its step length and curvature memory among them: measured, a task with 5 points in a run of 20
+# stopped with its noise on the floor, 0.4 nats short of its own optimum, and its forecast moved by 1.3
+# (the task's outputs have sd ~4). So each task gets its own run: a task's answer never depends on the
+# other tasks it is predicted with.
+FIT_GROUP = 1
+
+
+def chunk_size(n_clusters: int, n_union: int, g: int, n: int) -> int:
+    """New tasks per batch: keeps the (K, N, tasks x g) cross-covariances and the (tasks, K, n, g)
+    blocks within :data:`BUDGET` elements."""
+    return max(1, BUDGET // (n_clusters * g * (n_union + n)))
 
 
 def pad_rows(codes: np.ndarray, n_tasks: int, values: np.ndarray, fill: np.ndarray):
@@ -78,46 +86,65 @@ class NewTasks:
         return NewTasks(self.G[sl], self.y[sl], self.obs[sl], self.target[sl])
 
 
-def mean_at(post: MeanPosterior, mean_kernel, union, prior_mean, G):
-    """q(mu_k) at each task's own inputs: mean (M, K, g) and covariance blocks (M, K, g, g)."""
+class Blocks(NamedTuple):
+    """Covariance blocks of a task's [observed (n) | targets (s)] inputs: observed x observed (..., n, n),
+    observed x targets (..., n, s) and the targets' variances (..., s); the last two None without targets.
+    The targets x targets block is never formed: a prediction grid can be long."""
+
+    oo: torch.Tensor
+    os: torch.Tensor | None
+    ss: torch.Tensor | None
+
+
+def kernel_blocks(kernel, G, n: int, targets: bool = True) -> Blocks:
+    """:class:`Blocks` of a gpytorch ``kernel`` on padded inputs G (..., n + s, d)."""
+    Go, Gs = G[..., :n, :], G[..., n:, :]
+    oo = kernel(Go).to_dense()
+    if not targets:
+        return Blocks(oo, None, None)
+    return Blocks(oo, kernel(Go, Gs).to_dense(), kernel(Gs, diag=True))
+
+
+def mean_at(post: MeanPosterior, mean_kernel, union, prior_mean, G, n: int):
+    """q(mu_k) at each task's own inputs G (M, n + s, d): mean (M, K, n + s) and :class:`Blocks` (M, K, ...)."""
     M, g, d = G.shape
     K = prior_mean.shape[0]
-    flat = G.reshape(M * g, d)
-    C_star = mean_kernel(union, flat).to_dense().expand(K, union.shape[0], M * g)
+    C_star = mean_kernel(union, G.reshape(M * g, d)).to_dense().expand(K, union.shape[0], M * g)
     mean = prior_mean.reshape(K, 1) + (C_star.mT @ post.alpha.unsqueeze(-1)).squeeze(-1)
     W = post.solve(post.Lam @ C_star)
     Cb, Wb = C_star.reshape(K, -1, M, g), W.reshape(K, -1, M, g)
-    reduction = torch.einsum("knmg,knmh->mkgh", Cb, Wb)
-    prior = mean_kernel(G.unsqueeze(-3)).to_dense()  # (M, K or 1, g, g): each task's own block
-    V = prior.expand(M, K, g, g) - reduction
-    return mean.reshape(K, M, g).transpose(0, 1), 0.5 * (V + V.mT)
+    Co = Cb[..., :n]
+    prior = kernel_blocks(mean_kernel, G.unsqueeze(-3), n)  # (M, K or 1, ...): each task's own blocks
+    oo = prior.oo - torch.einsum("knmg,knmh->mkgh", Co, Wb[..., :n])
+    os = prior.os - torch.einsum("knmg,knmh->mkgh", Co, Wb[..., n:])
+    ss = prior.ss - torch.einsum("knmg,knmg->mkg", Cb[..., n:], Wb[..., n:])
+    return mean.reshape(K, M, g).transpose(0, 1), Blocks(0.5 * (oo + oo.mT), os, ss)
 
 
-def evidence(tasks: NewTasks, mean, V, task_cov, noise, log_pi, *, targets: bool = True):
-    """Per task and cluster: log pi_k + log p(y_j | z_jk = 1) (M, K), and (targets=True) the
-    conditional means and variances at the targets (M, K, s).
+def evidence(tasks: NewTasks, mean, V: Blocks, task_cov: Blocks, noise, log_pi):
+    """Per task and cluster: log pi_k + log p(y_j | z_jk = 1) (M, K), and (when the blocks hold the targets)
+    the conditional means and variances at the targets (M, K, s), else None, None.
 
-    ``task_cov`` (M, g', g') is the task kernel on G (g' = n is enough without targets); ``noise``
-    is a scalar or (M,)."""
+    ``V``: q(mu_k)'s blocks (M, K, ...), ``task_cov``: the task kernel's (M, ...) (see :func:`kernel_blocks`);
+    ``noise`` is a scalar or (M,)."""
     n = tasks.n
     m = tasks.obs.to(mean.dtype)
     both = (m.unsqueeze(-1) * m.unsqueeze(-2)).unsqueeze(1)  # (M, 1, n, n)
     noise = torch.as_tensor(noise, dtype=mean.dtype).reshape(-1, 1)
     diag = torch.where(tasks.obs, noise.expand(tasks.obs.shape), torch.ones_like(m)).unsqueeze(1)
-    Soo = (V[..., :n, :n] + task_cov[:, None, :n, :n]) * both + torch.diag_embed(diag)
+    Soo = (V.oo + task_cov.oo[:, None]) * both + torch.diag_embed(diag)
     L = torch.linalg.cholesky(Soo)
     resid = ((tasks.y.unsqueeze(1) - mean[..., :n]) * m.unsqueeze(1)).unsqueeze(-1)
     z = torch.linalg.solve_triangular(L, resid, upper=False)
     logev = (-0.5 * (z * z).sum((-1, -2)) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
              - 0.5 * m.sum(-1, keepdim=True) * math.log(2 * math.pi))
     logpost = logev + log_pi
-    if not targets:
+    if V.os is None:
         return logpost, None, None
-    Sos = (V[..., :n, n:] + task_cov[:, None, :n, n:]) * m[:, None, :, None]
+    Sos = (V.os + task_cov.os[:, None]) * m[:, None, :, None]
     W = torch.linalg.solve_triangular(L, Sos, upper=False)  # (M, K, n, s)
     cmean = mean[..., n:] + (W.mT @ z).squeeze(-1)
-    prior_var = V[..., n:, n:].diagonal(dim1=-2, dim2=-1) + task_cov[:, None, n:, n:].diagonal(dim1=-2, dim2=-1)
-    cvar = prior_var - (W * W).sum(-2)
+    cvar = V.ss + task_cov.ss[:, None] - (W * W).sum(-2)
     return logpost, cmean, cvar.clamp_min(0.0)
 
 
