@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+import latentgp.linalg.sic as sic_module
 from latentgp.linalg.sic import (
     SparseInverseCholesky,
     ancestor_closure,
@@ -110,7 +111,12 @@ def test_operator_ops_match_dense(rng):
     torch.testing.assert_close(U.inverse_covariance_matmul(B), Ud @ Ud.T @ B)
 
 
-def test_solve_gradient_and_restricted_solve(rng):
+@pytest.mark.parametrize("mkl", [True, False])
+def test_solve_gradient_and_restricted_solve(rng, monkeypatch, mkl):
+    """Both solver back ends (MKL through torch CSR, SciPy's SuperLU) against dense solves and gradcheck."""
+    if mkl and not torch.backends.mkl.is_available():
+        pytest.skip("torch built without MKL")
+    monkeypatch.setattr(sic_module, "USE_MKL", mkl)
     X = rng.uniform(size=(40, 2))
     o, s = maximin_ordering(X)
     P = torch.as_tensor(sic_pattern(X[o], 2.0, s, 4))
@@ -118,6 +124,12 @@ def test_solve_gradient_and_restricted_solve(rng):
     vals = U.values.detach().clone().requires_grad_(True)
     rhs = torch.tensor(rng.normal(size=(40, 2)), requires_grad=True)
     assert torch.autograd.gradcheck(lambda v, b: upper_solve(v * pattern_mask(P), P, b), (vals, rhs))
+    Ud = U.to_dense().detach()
+    torch.testing.assert_close(U.solve(rhs.detach()), torch.linalg.solve_triangular(Ud, rhs.detach(), upper=True),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(U.mT.solve(rhs.detach()), torch.linalg.solve_triangular(Ud.T, rhs.detach(), upper=False),
+                               rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v, b: SparseInverseCholesky(v * pattern_mask(P), P).mT.solve(b), (vals, rhs))
     # solving on the ancestor closure of a batch gives the same rows as the full solve
     batch = np.array([39, 25, 31])
     A = ancestor_closure(P.numpy(), batch)

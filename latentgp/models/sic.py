@@ -22,13 +22,24 @@ from scipy.spatial import cKDTree
 from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
 from ..fit import optimize, seeded, train
 from ..io import register_model, saved_dtype
-from ..linalg.sic import _check_rho_m, check_points, maximin_ordering, pattern_mask, sic_columns, sic_pattern
+from ..linalg.sic import (
+    _check_rho_m,
+    check_points,
+    maximin_ordering,
+    pattern_mask,
+    sic_columns,
+    sic_pattern,
+    triangular_structure,
+)
 from ..variational.sic import (
     GaussianLikelihood,
+    RowAdam,
     SICVariational,
     block_system,
     elbo_terms,
+    gaussian_optimal_mean,
     get_likelihood,
+    local_posterior_columns,
     marginals,
     sampled_elbo_terms,
     solve_batch_columns,
@@ -123,14 +134,26 @@ class SICGP(Model):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, x=None, steps: int = 500, batch_size: int = 256, lr: float = 0.02,
             method: str = "adam", learn_hyperparameters: bool = True, progress: bool | None = None,
-            tol: float | None = None, seed: int | None = None, data_weight: float = 1.0, n_samples: int = 16):
+            tol: float | None = None, seed: int | None = None, data_weight: float = 1.0, n_samples: int = 16,
+            closed_form: bool | None = None):
         """Fit to inputs ``X`` and targets ``y`` (or ``fit(df, "column")``).
 
-        ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (SparseAdam for the
-        variational rows, Adam for the hyperparameters), each an unbiased ELBO estimate from ``n_samples``
+        ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (Adam on the touched
+        variational rows only, :class:`~latentgp.variational.sic.RowAdam`; Adam for the hyperparameters),
+        each an unbiased ELBO estimate from ``n_samples``
         draws of q on the block's ancestor closure (cost ~ closure size × m × n_samples, not × batch_size;
         :func:`latentgp.variational.sic.sampled_elbo_terms`). ``method="lbfgs"``: full-batch L-BFGS on the
         exact ELBO (small n).
+        ``closed_form`` (Gaussian likelihood, ``method="adam"``; default on for the Gaussian likelihood): update
+        q in closed form between minibatch steps, before the first step, once per pass over the blocks
+        (amortised O(batch_size) per step) and after the last step. The mean ν is set to its exact ELBO optimum
+        given the hyperparameters (a sparse linear system, preconditioned CG:
+        :func:`latentgp.variational.sic.gaussian_optimal_mean`) instead of taking gradient steps. V starts at
+        the factor W of the neighbourhoods' posteriors (:func:`latentgp.variational.sic.local_posterior_columns`);
+        while the hyperparameters are learned, each update also moves V by the change of W since the last
+        one, so q follows the hyperparameters and keeps what the minibatch steps learned. Without this, each
+        row of ν and V moves only when its block is drawn (a few times per row at n = 1e5), q lags the
+        hyperparameters and the fit stalls far from the truth.
         ``learn_hyperparameters=False`` keeps the kernel, mean and likelihood fixed.
         ``data_weight`` κ: maximise the data-emphasized ELBO κ·E_q[log p(y | f)] − KL (κ = 1: the ELBO;
         :mod:`latentgp.objectives_weighted`). q is full-rank over the training points, so with κ > 1 a
@@ -152,6 +175,13 @@ class SICGP(Model):
         check_positive(lr, "lr")
         if method not in ("adam", "lbfgs"):
             raise ValueError(f"`method` must be 'adam' or 'lbfgs'; got {method!r}.")
+        gaussian = isinstance(self.likelihood, GaussianLikelihood)
+        if closed_form is None:
+            closed_form = gaussian
+        elif not isinstance(closed_form, bool):
+            raise TypeError(f"`closed_form` must be True, False or None; got {closed_form!r}.")
+        elif closed_form and not gaussian:
+            raise ValueError("`closed_form=True` needs the Gaussian likelihood (no closed form otherwise).")
         n, d = inputs.values.shape
         if n < 2:
             raise ValueError("`X` needs at least 2 rows to fit a GP.")
@@ -164,6 +194,7 @@ class SICGP(Model):
         if first:
             self._init_from_data(inputs.values, target)
         self._kappa, self._n_samples = kappa, n_samples
+        self._closed_form = closed_form and method == "adam"
         with seeded(seed):
             self._build(inputs.values, target, batch_size)
             self.history = self._optimise(steps, lr, method, learn_hyperparameters, progress, tol)
@@ -199,10 +230,35 @@ class SICGP(Model):
         self._blocks_idx = np.array_split(leaf_order, max(1, math.ceil(len(order) / batch_size)))
         self._systems = {}  # block -> BlockSystem (ancestor closure, local pattern), built on first visit
         self._U_fixed = None
+        self._full_structure = None  # triangular_structure(pattern), built on the first mean solve
         U = self._all_prior_columns()
         with torch.no_grad():
             mu = self._prior_mean().expand(len(order)).clone()
+            if isinstance(self.likelihood, GaussianLikelihood):  # start V at a local posterior, not the prior
+                U = local_posterior_columns(U, self._data_precision())
         self.q = SICVariational(pattern, U, mu).to(self.dtype)
+        self._raw_W = self.q.raw.detach().clone()  # V's starting point, for `_set_optimal_mean(track_factor)`
+
+    def _data_precision(self):
+        return getattr(self, "_kappa", 1.0) / self.likelihood.noise
+
+    def _set_optimal_mean(self, track_factor: bool = False):
+        """ν <- its ELBO optimum given the current hyperparameters (Gaussian likelihood; warm-started CG).
+        ``track_factor``: also move V by the change of the neighbourhood-posterior factor W since the last
+        call (V_ii scaled by W_ii^new / W_ii^old, off-diagonal entries shifted by W^new - W^old)."""
+        with torch.no_grad():
+            U = self._U_fixed if getattr(self, "_U_fixed", None) is not None else self._all_prior_columns()
+            if track_factor:
+                W = local_posterior_columns(U, self._data_precision())
+                raw_W = torch.cat([torch.log(W[:, :1]), W[:, 1:]], 1)
+                self.q.raw.add_(raw_W - self._raw_W)
+                self._raw_W = raw_W
+            if getattr(self, "_full_structure", None) is None:
+                self._full_structure = triangular_structure(self._pattern)
+            nu, _ = gaussian_optimal_mean(U, self._pattern_t, self._prior_mean(), self._y, self._data_precision(),
+                                          x0=self.q.nu[:, 0], tol=max(1e-6, 100 * torch.finfo(self.dtype).eps),
+                                          structure=self._full_structure)
+            self.q.nu.copy_(nu[:, None])
 
     def _block_loss(self, batch, sparse):
         """−(ELBO estimate)/n from one block (unbiased over the fixed partition)."""
@@ -213,13 +269,17 @@ class SICGP(Model):
         weight = n / len(batch) if len(batch) == n else len(self._blocks_idx)
         return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / n
 
-    def _sampled_block_loss(self, k: int, sparse: bool = True):
-        """−(unbiased ELBO estimate)/n from block k by :func:`sampled_elbo_terms`."""
+    def _system(self, k: int):
         if k not in self._systems:
             self._systems[k] = block_system(self._pattern, self._blocks_idx[k])
+        return self._systems[k]
+
+    def _sampled_block_loss(self, k: int, local=None):
+        """−(unbiased ELBO estimate)/n from block k by :func:`sampled_elbo_terms` (``local``: q's rows on the
+        block's ancestor closure as leaf tensors, see there)."""
         batch = self._blocks_idx[k]
-        ell, kl = sampled_elbo_terms(self.q, self._systems[k], self._prior_columns(batch), self._prior_mean(),
-                                     self._y[batch], self.likelihood, getattr(self, "_n_samples", 16), sparse=sparse)
+        ell, kl = sampled_elbo_terms(self.q, self._system(k), self._prior_columns(batch), self._prior_mean(),
+                                     self._y[batch], self.likelihood, getattr(self, "_n_samples", 16), local=local)
         weight = len(self._blocks_idx)
         return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / len(self._order)
 
@@ -246,7 +306,10 @@ class SICGP(Model):
         if not hyper:
             self._U_fixed = self._all_prior_columns()
         try:
-            return self._adam(steps, lr, hyper, progress, tol)
+            history = self._adam(steps, lr, hyper, progress, tol)
+            if getattr(self, "_closed_form", False):
+                self._set_optimal_mean(track_factor=bool(hyper))  # for the final hyperparameters
+            return history
         finally:
             self._U_fixed = None
 
@@ -255,19 +318,30 @@ class SICGP(Model):
                      desc="SICGP")
 
     def _make_step(self, lr, hyper):
-        """One minibatch step: a random block, the sampled ELBO, SparseAdam on the rows it touched."""
-        sparse_opt = torch.optim.SparseAdam([self.q.raw, self.q.nu], lr=lr)
+        """One minibatch step: a random block, the sampled ELBO, Adam on the q rows it touched (its ancestor
+        closure: cost independent of n) and on the hyperparameters."""
+        row_opt = RowAdam([self.q.raw, self.q.nu], lr=lr)
         hyper_opt = torch.optim.Adam(hyper, lr=lr) if hyper else None
         n_blocks = len(self._blocks_idx)
+        closed_form = getattr(self, "_closed_form", False)
+        count = [0]
 
         def step():
+            if closed_form and count[0] % n_blocks == 0:  # once per expected pass over the blocks
+                self._set_optimal_mean(track_factor=bool(hyper))
+            count[0] += 1
             k = int(torch.randint(n_blocks, ()))
-            sparse_opt.zero_grad()
+            system = self._system(k)
+            A = system.rows
+            raw_A = self.q.raw.detach().index_select(0, A).requires_grad_()
+            nu_A = self.q.nu.detach().index_select(0, A).requires_grad_()
             if hyper_opt is not None:
                 hyper_opt.zero_grad()
-            loss = self._sampled_block_loss(k)
+            loss = self._sampled_block_loss(k, local=(raw_A, nu_A))
             loss.backward()
-            sparse_opt.step()
+            with torch.no_grad():
+                nu_grad = None if closed_form else nu_A.grad[system.mean_rows]
+                row_opt.step([A, A[system.mean_rows]], [raw_A.grad, nu_grad])
             if hyper_opt is not None:
                 hyper_opt.step()
             return loss.item()
@@ -308,13 +382,17 @@ class SICGP(Model):
             for s in range(0, len(Xs), chunk):
                 rows = near[s:s + chunk]
                 part_nb, part_x = nb[rows], Xs[rows]
-                valid = part_nb >= 0
+                # A query at a training input is that point's f (its neighbourhood block would be singular).
+                same = torch.as_tensor(scales[rows.numpy()] == 0)
+                valid = (part_nb >= 0) & ~same[:, None]
                 safe = part_nb.clamp_min(0)
                 pts = torch.cat([part_x[:, None], torch.where(valid[..., None], self._X[safe], part_x[:, None])], 1)
                 mask = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
                 col = sic_columns(self._blocks(pts), mask)
                 # Column [1/d, -b/d]: f* | f_s ~ N(μ + bᵀ(f_s − μ), d²).
                 b, d2 = -col[:, 1:] / col[:, :1], col[:, 0] ** -2
+                b[same, 0], d2[same] = 1.0, 0.0
+                valid[same, 0] = True
                 mean_s = mu + (b * (self.q.mean(safe) - mu)).sum(1)
                 sol = solve_batch_columns(self.q, self._pattern, safe, b * valid)
                 means[rows], variances[rows] = mean_s, (sol ** 2).sum(0) + d2
