@@ -274,7 +274,7 @@ def large_scale(quick, steps=None):
     rows = []
     steps = steps or (1500 if quick else 3000)
     fit_s = None  # the closed-form fit's time: SVGP's budget
-    for closed_form in (True, False):  # False: every q row by minibatch Adam only (the earlier scheme)
+    for closed_form in (True, False):  # False: every q row by minibatch Adam only (V still starts at W)
         t0 = time.perf_counter()
         m = SICGP(rho=2.0, max_neighbors=10).fit(Xtr, ytr, steps=steps, batch_size=256, lr=0.05, progress=False,
                                                  seed=0, closed_form=closed_form)

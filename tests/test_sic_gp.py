@@ -11,6 +11,7 @@ from latentgp.variational.sic import (
     PoissonLikelihood,
     block_system,
     elbo_terms,
+    gaussian_optimal_mean,
     sampled_elbo_terms,
 )
 
@@ -263,7 +264,7 @@ def test_data_weight_scales_the_expected_log_likelihood(rng):
 
 
 def test_predict_at_training_inputs_equals_training_marginals(rng):
-    """A query that coincides with a training point must find its neighbours (zero-radius kd-tree bound)."""
+    """A query that coincides with a training point is that point's f: its q marginal, exactly (no jitter)."""
     X = np.sort(rng.uniform(size=(60, 1)), axis=0)
     y = np.sin(6 * X[:, 0]) + 0.1 * rng.normal(size=60)
     m = SICGP(kernel=_kernel(), rho=2.0, noise=0.01, max_neighbors=6).fit(X, y, steps=30, progress=False)
@@ -312,7 +313,6 @@ def test_closed_form_mean_is_the_elbo_optimum(rng, kappa):
     """gaussian_optimal_mean against the maximiser of the exact ELBO, float64, for both preconditioners. The
     ELBO is quadratic in ν, so its Hessian columns are exact differences of autograd gradients and one
     Newton step from anywhere lands on the optimum (checked with the default preconditioner and with none)."""
-    from latentgp.variational.sic import gaussian_optimal_mean
 
     m = _perturbed(rng)
     n = len(m._order)
@@ -355,10 +355,17 @@ def test_local_posterior_columns_match_dense_neighbourhood_posteriors(rng):
         assert (W[i][~m.q.mask[i]] == 0).all()
 
 
-def test_closed_form_mean_in_fit(rng):
+@pytest.mark.parametrize("mkl", [True, False])
+def test_closed_form_mean_in_fit(rng, monkeypatch, mkl):
+    """After a fit (hyperparameters learned) ν is the exact-ELBO optimum, with either sparse-solve back end."""
+    import latentgp.linalg.sic as sic_linalg
+
+    if mkl and not (torch.backends.mkl.is_available() and hasattr(torch, "triangular_solve")):
+        pytest.skip("torch built without MKL or without triangular_solve")
+    monkeypatch.setattr(sic_linalg, "USE_MKL", mkl)
     X, y = _data(rng, 200)
     m = SICGP(kernel=_kernel(), rho=2.0, noise=0.05, max_neighbors=6)
-    m.fit(X, y, steps=40, batch_size=32, lr=0.05, seed=0, progress=False)  # hyperparameters learned
+    m.fit(X, y, steps=40, batch_size=32, lr=0.05, seed=0, progress=False, closed_form=np.True_)
     n = len(m._order)
     everything = np.arange(n)
     e, k, _ = elbo_terms(m.q, m._pattern, everything, m._prior_columns(everything), m._prior_mean(), m._y,
@@ -369,6 +376,19 @@ def test_closed_form_mean_in_fit(rng):
         SICGP(likelihood="bernoulli").fit(X, (y > 0).astype(float), steps=1, closed_form=True)
     with pytest.raises(TypeError, match="closed_form"):
         SICGP().fit(X, y, steps=1, closed_form="yes")
+    with pytest.raises(ValueError, match="closed_form"):
+        SICGP().fit(X, y, steps=1, method="lbfgs", closed_form=True)
+    SICGP(rho=1.5).fit(X[:50], y[:50], steps=1, method="lbfgs", progress=False)  # default: no closed form there
+
+
+def test_optimal_mean_of_data_at_the_prior_mean_is_the_prior_mean(rng):
+    """y = μ everywhere: ν* = μ exactly (CG used to chase a zero tolerance into NaN from a warm start)."""
+    X, _ = _data(rng, 120)
+    m = SICGP(kernel=_kernel(), rho=2.0, noise=0.05, max_neighbors=6, mean="zero")
+    m.fit(X, np.zeros(len(X)), steps=0)
+    nu, it = gaussian_optimal_mean(m._all_prior_columns(), m._pattern_t, m._prior_mean(), m._y, 20.0,
+                                   x0=torch.ones(len(X), dtype=m._y.dtype))
+    assert it == 0 and torch.equal(nu, torch.zeros_like(nu))
 
 
 def test_closed_form_updates_reach_a_higher_elbo(rng):

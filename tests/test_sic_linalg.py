@@ -114,8 +114,8 @@ def test_operator_ops_match_dense(rng):
 @pytest.mark.parametrize("mkl", [True, False])
 def test_solve_gradient_and_restricted_solve(rng, monkeypatch, mkl):
     """Both solver back ends (MKL through torch CSR, SciPy's SuperLU) against dense solves and gradcheck."""
-    if mkl and not torch.backends.mkl.is_available():
-        pytest.skip("torch built without MKL")
+    if mkl and not (torch.backends.mkl.is_available() and hasattr(torch, "triangular_solve")):
+        pytest.skip("torch built without MKL or without triangular_solve")
     monkeypatch.setattr(sic_module, "USE_MKL", mkl)
     X = rng.uniform(size=(40, 2))
     o, s = maximin_ordering(X)
@@ -182,3 +182,25 @@ def test_reference_pattern_is_trimmed_to_the_found_neighbours(rng):
     # every listed neighbour lies within the radius, and none within it is missing
     dist = np.sqrt(((q[:, None] - ref[None]) ** 2).sum(-1))
     np.testing.assert_array_equal(found, (dist <= 2.0 * d[:, None]).sum(1))
+
+
+def test_sparse_solve_falls_back_to_scipy_when_torch_cannot(rng, monkeypatch):
+    """A torch build whose sparse triangular solve raises (e.g. Windows wheels: MKL present, sparse solve
+    not compiled) switches to SciPy for good, with the same answer."""
+    X = rng.uniform(size=(30, 2))
+    o, s = maximin_ordering(X)
+    P = torch.as_tensor(sic_pattern(X[o], 2.0, s, 4))
+    U = SparseInverseCholesky.from_covariance(_matern32(X[o]), P)
+    rhs = torch.tensor(rng.normal(size=(30, 3)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Calling triangular_solve on a sparse CPU tensor requires Linux platform")
+
+    monkeypatch.setattr(sic_module, "USE_MKL", True)
+    monkeypatch.setattr(torch, "triangular_solve", broken, raising=False)
+    got = sic_module.upper_solve(U.values, P, rhs)
+    assert sic_module.USE_MKL is False
+    monkeypatch.setattr(sic_module, "USE_MKL", False)
+    torch.testing.assert_close(got, sic_module.upper_solve(U.values, P, rhs), rtol=0, atol=0)
+    Ud = U.to_dense()
+    torch.testing.assert_close(got, torch.linalg.solve_triangular(Ud, rhs, upper=True), rtol=1e-10, atol=1e-10)

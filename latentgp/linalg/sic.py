@@ -283,25 +283,40 @@ def _unit_solve(kind, structure, values: np.ndarray, rows: np.ndarray, rhs: np.n
 
 
 # MKL's sparse triangular solve (through torch's CSR tensors) is ~3x faster than SciPy's per call at the
-# sizes of a minibatch's ancestor closure (no per-call format conversion); SciPy is the fallback where torch
-# has no MKL (e.g. ARM builds) or no longer has the (deprecated, sparse-capable) torch.triangular_solve.
-# Tests run both paths.
+# sizes of a minibatch's ancestor closure (no per-call format conversion). SciPy is the fallback where torch
+# has no MKL (e.g. ARM builds), no longer has the (deprecated, sparse-capable) torch.triangular_solve, or
+# raises for sparse inputs (torch builds its sparse-CSR solve only with MKL on Linux/macOS, not on Windows):
+# the first failure switches to SciPy for the rest of the process. Tests run both paths.
 USE_MKL = torch.backends.mkl.is_available() and hasattr(torch, "triangular_solve")
+_csr_warning_silenced = False
+
+
+def _mkl_solve(structure, values, rhs, transposed):
+    global _csr_warning_silenced
+    n = values.shape[0]
+    perm, indices, indptr = structure
+    entries = values.reshape(-1).index_select(0, torch.from_numpy(perm))
+    if _csr_warning_silenced:
+        U = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices), entries, (n, n))
+    else:  # torch warns once per process that sparse CSR is "in beta"; silence that one call only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            U = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices), entries, (n, n))
+        _csr_warning_silenced = True
+    return torch.triangular_solve(rhs.reshape(n, -1).to(values.dtype), U, upper=True, transpose=transposed).solution
 
 
 def _solve(structure, values: torch.Tensor, rows: torch.Tensor, rhs: torch.Tensor, transposed: bool):
     """U⁻¹ rhs, or U⁻ᵀ rhs if ``transposed`` (no autograd), for U given by its padded ``values``/``rows``."""
+    global USE_MKL
     n = values.shape[0]
     if n == 0:
         return rhs.clone()
     if USE_MKL and values.dtype in (torch.float32, torch.float64):
-        perm, indices, indptr = structure
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            U = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
-                                        values.reshape(-1).index_select(0, torch.from_numpy(perm)), (n, n))
-            x = torch.triangular_solve(rhs.reshape(n, -1).to(values.dtype), U, upper=True, transpose=transposed)
-        return x.solution.reshape(rhs.shape).to(rhs.dtype)
+        try:
+            return _mkl_solve(structure, values, rhs, transposed).reshape(rhs.shape).to(rhs.dtype)
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            USE_MKL = False  # no sparse solve in this torch build: SciPy from now on
     # CSC arrays of Uᵀ (lower triangular) = the CSR arrays of U.
     x = _unit_solve(csc_array if transposed else csr_array, structure, values.cpu().numpy(), rows.cpu().numpy(),
                     rhs.cpu().numpy(), transposed=transposed)

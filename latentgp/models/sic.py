@@ -148,12 +148,13 @@ class SICGP(Model):
         q in closed form between minibatch steps, before the first step, once per pass over the blocks
         (amortised O(batch_size) per step) and after the last step. The mean ν is set to its exact ELBO optimum
         given the hyperparameters (a sparse linear system, preconditioned CG:
-        :func:`latentgp.variational.sic.gaussian_optimal_mean`) instead of taking gradient steps. V starts at
-        the factor W of the neighbourhoods' posteriors (:func:`latentgp.variational.sic.local_posterior_columns`);
-        while the hyperparameters are learned, each update also moves V by the change of W since the last
-        one, so q follows the hyperparameters and keeps what the minibatch steps learned. Without this, each
-        row of ν and V moves only when its block is drawn (a few times per row at n = 1e5), q lags the
-        hyperparameters and the fit stalls far from the truth.
+        :func:`latentgp.variational.sic.gaussian_optimal_mean`) instead of taking gradient steps; while the
+        hyperparameters are learned, each update also moves V by the change of the neighbourhood-posterior
+        factor W since the last one, so q follows the hyperparameters and keeps what the minibatch steps
+        learned. Without this, each row of ν and V moves only when its block is drawn (a few times per row at
+        n = 1e5), q lags the hyperparameters and the fit stalls far from the truth. (With ``steps=0`` no update
+        runs: ν stays at the prior mean.) For every Gaussian-likelihood fit, V starts at W
+        (:func:`latentgp.variational.sic.local_posterior_columns`), other likelihoods at Û.
         ``learn_hyperparameters=False`` keeps the kernel, mean and likelihood fixed.
         ``data_weight`` κ: maximise the data-emphasized ELBO κ·E_q[log p(y | f)] − KL (κ = 1: the ELBO;
         :mod:`latentgp.objectives_weighted`). q is full-rank over the training points, so with κ > 1 a
@@ -177,11 +178,15 @@ class SICGP(Model):
             raise ValueError(f"`method` must be 'adam' or 'lbfgs'; got {method!r}.")
         gaussian = isinstance(self.likelihood, GaussianLikelihood)
         if closed_form is None:
-            closed_form = gaussian
-        elif not isinstance(closed_form, bool):
+            closed_form = gaussian and method == "adam"
+        elif not isinstance(closed_form, (bool, np.bool_)):
             raise TypeError(f"`closed_form` must be True, False or None; got {closed_form!r}.")
         elif closed_form and not gaussian:
             raise ValueError("`closed_form=True` needs the Gaussian likelihood (no closed form otherwise).")
+        elif closed_form and method != "adam":
+            raise ValueError("`closed_form=True` updates q between minibatch steps: use method='adam' (L-BFGS "
+                             "optimises the exact ELBO, ν included).")
+        closed_form = bool(closed_form)
         n, d = inputs.values.shape
         if n < 2:
             raise ValueError("`X` needs at least 2 rows to fit a GP.")
@@ -194,7 +199,7 @@ class SICGP(Model):
         if first:
             self._init_from_data(inputs.values, target)
         self._kappa, self._n_samples = kappa, n_samples
-        self._closed_form = closed_form and method == "adam"
+        self._closed_form = closed_form
         with seeded(seed):
             self._build(inputs.values, target, batch_size)
             self.history = self._optimise(steps, lr, method, learn_hyperparameters, progress, tol)
@@ -214,7 +219,8 @@ class SICGP(Model):
                 self.kernel.base_kernel.lengthscale = (X.std(0).mean() / 2).clamp_min(1e-6)
 
     def _build(self, X, y, batch_size):
-        """Ordering, pattern, minibatch blocks and q initialised at the prior (ν = prior mean, V = Û)."""
+        """Ordering, pattern, minibatch blocks and q initialised (ν = prior mean; V = the neighbourhood-posterior
+        factor W for a Gaussian likelihood, else Û)."""
         ard = _lengthscale(self.kernel)
         ard = None if ard is None else ard.numpy()
         Xn = X.numpy()
@@ -237,7 +243,8 @@ class SICGP(Model):
             if isinstance(self.likelihood, GaussianLikelihood):  # start V at a local posterior, not the prior
                 U = local_posterior_columns(U, self._data_precision())
         self.q = SICVariational(pattern, U, mu).to(self.dtype)
-        self._raw_W = self.q.raw.detach().clone()  # V's starting point, for `_set_optimal_mean(track_factor)`
+        # V's starting point, for `_set_optimal_mean(track_factor)` (an n x M copy: closed-form fits only)
+        self._raw_W = self.q.raw.detach().clone() if getattr(self, "_closed_form", False) else None
 
     def _data_precision(self):
         return getattr(self, "_kappa", 1.0) / self.likelihood.noise
@@ -311,7 +318,7 @@ class SICGP(Model):
                 self._set_optimal_mean(track_factor=bool(hyper))  # for the final hyperparameters
             return history
         finally:
-            self._U_fixed = None
+            self._U_fixed = self._raw_W = None
 
     def _adam(self, steps, lr, hyper, progress, tol):
         return train(self._make_step(lr, hyper), steps=steps, progress=progress, tol=tol, record=self._record,

@@ -150,8 +150,8 @@ def get_likelihood(likelihood, noise) -> SICLikelihood:
 class SICVariational(torch.nn.Module):
     """q(f) = N(ν, (V Vᵀ)⁻¹): ``nu`` (n, 1) and ``raw`` (n, M) with slot 0 = log V_ii.
 
-    Rows are read with ``F.embedding`` so that, with ``sparse=True``, a minibatch step's gradient (and a
-    ``SparseAdam`` update) touches only the rows in the minibatch's ancestor closure."""
+    A minibatch step reads only the rows of its ancestor closure (as leaf tensors, see
+    :func:`sampled_elbo_terms`), so its gradient and its :class:`RowAdam` update touch only those rows."""
 
     def __init__(self, pattern: np.ndarray, values: torch.Tensor, mean: torch.Tensor):
         super().__init__()
@@ -325,15 +325,20 @@ def gaussian_optimal_mean(U_values: torch.Tensor, pattern: torch.Tensor, prior_m
             def precondition(r):
                 return transposed_solve(W, P, upper_solve(W, P, r, structure), structure)
         b = precision * (y - prior_mean)
+        if not bool(b.any()):  # y = μ everywhere: the solution is ν = μ (CG would chase a zero tolerance)
+            return torch.zeros_like(y) + prior_mean, 0
         x = torch.zeros_like(y) if x0 is None else (x0 - prior_mean).clone()
         r = b - apply(x)
         z = precondition(r)
         p, rz = z.clone(), (r * z).sum()
-        bnorm = b.norm().clamp_min(torch.finfo(y.dtype).tiny)
+        bnorm = b.norm()
         it = 0
         while r.norm() > tol * bnorm and it < max_iter:
             Ap = apply(p)
-            alpha = rz / (p * Ap).sum()
+            pAp = (p * Ap).sum()
+            if not bool(pAp > 0) or not bool(rz > 0):  # converged to rounding (the system is SPD)
+                break
+            alpha = rz / pAp
             x += alpha * p
             r -= alpha * Ap
             z = precondition(r)
