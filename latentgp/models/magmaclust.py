@@ -48,7 +48,9 @@ class MagmaClust(Magma):
         a kernel given here is shared by all clusters.
     common_cluster_hp : bool
         With the default kernel: one set of mean-process hyperparameters for all clusters (MagmaClustR's
-        ``shared_hp_k=TRUE``, the authors' simulation setting "Hoo") instead of one per cluster (default).
+        ``common_hp_k`` / ``shared_hp_k`` = TRUE, its default, and the authors' simulation setting "Hoo")
+        instead of one per cluster (our default: it also fits data whose clusters differ in smoothness; on the
+        authors' Hoo simulation the two give the same accuracy, BENCHMARKS.md).
     task_kernel, common_hp, prior_mean : as in :class:`Magma`.
     """
 
