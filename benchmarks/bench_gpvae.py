@@ -88,12 +88,16 @@ def run_seed(seed: int, steps: int, **fit) -> dict:
     }
 
 
-def plain_vae_loss(model: GPVAE, y):
-    """Same encoder/decoder/likelihood with an i.i.d. N(0, 1) prior per step: the cost a GP prior adds to."""
-    mean, prec = model._encode(y)
+def iid_posterior(mean, prec):
+    """q(z_t) = N(0, 1) x site N(mean, 1/prec) per step and latent: its mean, variance and KL per sequence."""
     v = 1 / (1 + prec)
     m = v * prec * mean
-    kl = 0.5 * (v + m ** 2 - 1 - v.log()).sum((-1, -2))
+    return m, v, 0.5 * (v + m ** 2 - 1 - v.log()).sum((-1, -2))
+
+
+def plain_vae_loss(model: GPVAE, y):
+    """Same encoder/decoder/likelihood with an i.i.d. N(0, 1) prior per step: the cost a GP prior adds to."""
+    m, v, kl = iid_posterior(*model._encode(y))
     z = m + v.sqrt() * torch.randn_like(m)
     return -(model._log_density(y, model.net.decoder(z)).sum((-1, -2)) - kl).sum()
 
@@ -129,10 +133,7 @@ def step_costs(repeats: int, cases) -> list[dict]:
 
 def plain_mm_loss(model: MultimodalGPVAE, spikes, behaviour):
     """MM-GPVAE's encoders, readout and decoder with an i.i.d. N(0, 1) prior per bin instead of the Fourier GP."""
-    mean, prec = model._sites(spikes, behaviour)
-    v = 1 / (1 + prec)
-    m = v * prec * mean
-    kl = 0.5 * (v + m ** 2 - 1 - v.log()).sum((-1, -2))
+    m, v, kl = iid_posterior(*model._sites(spikes, behaviour))
     mu, var = model._spike_rate_moments(m, v)
     spk = model.likelihood.expected(spikes, mu, var)[0].sum((-1, -2))
     z = (m + v.sqrt() * torch.randn_like(m)).unsqueeze(0)
