@@ -191,4 +191,5 @@ def pcg(matmul, rhs: torch.Tensor, precond, *, tol: float = 1e-12, max_iter: int
     if bool((R.norm(dim=0) <= target).all()):
         return X, max_iter
     raise RuntimeError(f"Conjugate gradients did not reach the relative tolerance {tol:g} in {max_iter} "
-                       "iterations; the masked system is badly conditioned (raise the noise or observe more cells).")
+                       "iterations; the system is badly conditioned (for a GP: raise the noise, or observe more "
+                       "points / cells).")
