@@ -66,7 +66,10 @@ def test_aggregated_messages_equal_per_entry_message_passing(kind):
         ref_p = np.zeros(tuple(precision.shape))
         ref_s = np.zeros(tuple(shift.shape))
         for n in range(len(y)):  # reference: one message per entry, added to its coordinate's site
-            means, seconds = model._entry_moments(slice(n, n + 1))
+            rows = [int(m.index[n]) for m in model._modes]  # entry n's moments formed here, per entry
+            means = [m.mean[r:r + 1] for m, r in zip(model._modes, rows, strict=True)]
+            seconds = [m.cov[r:r + 1] + torch.outer(m.mean[r], m.mean[r])[None]
+                       for m, r in zip(model._modes, rows, strict=True)]
             Ea, Eaa = cep.other_moments(kind, k, means, seconds, model._core_mean, model._core_second)
             i = int(mode.index[n])
             ref_p[i] += model._tau * Eaa[0].numpy()

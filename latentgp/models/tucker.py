@@ -291,21 +291,18 @@ class FunctionalTucker(Model):
     def _outer(t):
         return t.reshape(*t.shape, *([1] * t.dim())) * t.reshape(*([1] * t.dim()), *t.shape)
 
-    def _entry_moments(self, sl, skip=None):
-        """Per-entry means and second moments of every mode for entries ``sl`` (None for mode ``skip``).
+    def _entry_moments(self, skip=None):
+        """For each chunk ``sl`` of entries: (sl, per-entry means, per-entry second moments) of every mode (None
+        for mode ``skip``).
 
-        Second moments E[u uᵀ] are formed once per unique coordinate and then gathered: U_k R² work
-        instead of a per-entry outer product."""
-        means, seconds = [], []
-        for k, m in enumerate(self._modes):
-            if k == skip:
-                means.append(None)
-                seconds.append(None)
-                continue
-            idx = m.index[sl]
-            means.append(m.mean[idx])
-            seconds.append(cep.second_moments(m.mean, m.cov)[idx])
-        return means, seconds
+        Second moments E[u uᵀ] are formed once per unique coordinate (U_k R², once per pass, not per chunk:
+        with continuous coordinates U_k can be as large as N) and then gathered."""
+        moments = [None if k == skip else (m.mean, cep.second_moments(m.mean, m.cov))
+                   for k, m in enumerate(self._modes)]
+        for sl in cep.chunks(len(self._train), CHUNK):
+            idx = [None if mo is None else m.index[sl] for m, mo in zip(self._modes, moments, strict=True)]
+            yield (sl, [None if mo is None else mo[0][i] for mo, i in zip(moments, idx, strict=True)],
+                   [None if mo is None else mo[1][i] for mo, i in zip(moments, idx, strict=True)])
 
     def _messages(self, k):
         """CEP messages to mode k summed per unique coordinate: precision (U, R, R), shift (U, R)."""
@@ -313,8 +310,7 @@ class FunctionalTucker(Model):
         U, R = len(mode.values), mode.rank
         precision = self._train.new_zeros((U, R, R))
         shift = self._train.new_zeros((U, R))
-        for sl in cep.chunks(len(self._train), CHUNK):
-            means, seconds = self._entry_moments(sl, skip=k)
+        for sl, means, seconds in self._entry_moments(skip=k):
             Ea, Eaa = cep.other_moments(self.kind, k, means, seconds, self._core_mean, self._core_second)
             idx = mode.index[sl]
             precision += cep.aggregate(self._tau * Eaa, idx, U)
@@ -345,8 +341,7 @@ class FunctionalTucker(Model):
         n = int(np.prod(ranks))
         precision = torch.zeros(n, n, dtype=self.dtype)
         shift = torch.zeros(n, dtype=self.dtype)
-        for sl in cep.chunks(len(self._train), CHUNK):
-            means, seconds = self._entry_moments(sl)
+        for sl, means, seconds in self._entry_moments():
             P, s = cep.core_statistics(means, seconds, self._train[sl] - self._bias_mean)
             precision += P.reshape(n, n)
             shift += s.reshape(n)
@@ -363,8 +358,7 @@ class FunctionalTucker(Model):
         returns the training RMSE of the posterior mean (original units)."""
         n = len(self._train)
         resid = resid_sq = expected_sq = 0.0  # Σ (y - E f), Σ (y - E f)², Σ E[(y - f)²]
-        for sl in cep.chunks(n, CHUNK):
-            means, seconds = self._entry_moments(sl)
+        for sl, means, seconds in self._entry_moments():
             Ef, Ef2 = cep.entry_moments(self.kind, means, seconds, self._core_mean, self._core_second)
             y = self._train[sl]
             r = y - Ef
