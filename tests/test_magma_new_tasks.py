@@ -196,3 +196,15 @@ def test_chunks_and_fitted_hyperparameters_do_not_depend_on_the_batch(monkeypatc
             np.testing.assert_allclose(other["mean"], together["mean"], atol=1e-8, rtol=0)
             np.testing.assert_allclose(other["var"], together["var"], atol=1e-8, rtol=0)
         assert len(together) == 6 * len(grid)
+
+
+def test_mean_process_equals_dense_hyperposterior(fitted):
+    """mean_process (variances only, never the grid's full covariance) against dense tempered conditioning."""
+    model = fitted[0]
+    grid = np.array([0.3, 2.5, 7.1, 10.7])
+    out = model.mean_process(pd.DataFrame({"Input": grid}))
+    mean, cov = _hyperposterior(model, grid[:, None])
+    for k in range(model.n_clusters):
+        got = out[out.cluster == k]
+        np.testing.assert_allclose(got["mean"], mean[k], atol=1e-8, rtol=0)
+        np.testing.assert_allclose(got["var"], np.diagonal(cov[k]), atol=1e-8, rtol=0)

@@ -263,10 +263,11 @@ class Magma(Model):
         with torch.no_grad():
             h, U = self.hyper, self._train[0].union
             K = self._n_clusters
-            C_star = h.mean_kernel(U, S).to_dense().expand(K, U.shape[0], S.shape[0])
-            C_ss = h.mean_kernel(S).to_dense().expand(K, S.shape[0], S.shape[0])
-            mean, V = self._post.at(C_star, C_ss, self._pm())
-        frames = [prediction_frame(S, self._train[0].columns, mean[k], V[k].diagonal(), level) for k in range(K)]
+            # the same q(mu_k) blocks as a new task's forecast, with no observed points: only the variances
+            # at x_new are formed (a long plotting grid never builds its len(x_new)^2 covariance)
+            mean, V = nt.mean_at(self._post, h.mean_kernel, U, self._pm(), S.unsqueeze(0), 0)
+            mean, var = mean[0], V.ss[0].expand(K, S.shape[0])
+        frames = [prediction_frame(S, self._train[0].columns, mean[k], var[k], level) for k in range(K)]
         if K == 1:
             return frames[0]
         return pd.concat([f.assign(cluster=k) for k, f in enumerate(frames)], ignore_index=True)

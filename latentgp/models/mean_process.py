@@ -176,12 +176,6 @@ class MeanPosterior:
         V = self.C - self.C @ self.solve(self.Lam @ self.C)
         return 0.5 * (V + V.mT)
 
-    def at(self, C_star, C_ss, prior_mean):
-        """Posterior mean (K, s) and covariance (K, s, s) at new inputs, from C(tau, s) (K, N, s)."""
-        mean = prior_mean.reshape(-1, 1) + (C_star.mT @ self.alpha.unsqueeze(-1)).squeeze(-1)
-        V = C_ss - C_star.mT @ self.solve(self.Lam @ C_star)
-        return mean, 0.5 * (V + V.mT)
-
 
 def mean_posterior(C, Lam, r) -> MeanPosterior:
     """Factorise I + Lambda C (eigenvalues >= 1) and solve for alpha."""
