@@ -108,6 +108,16 @@ def test_svi_fit_matches_adam(data, tmp_path):
     assert fixed.history.lengthscale_0.nunique() == 1
 
 
+def test_batch_larger_than_the_data_is_the_full_batch(data):
+    """batch_size >= the number of sequences means full batches on both paths (Pyro's plate used to reject it)."""
+    Y = data[1][:4]
+    kw = dict(steps=3, lr=0.01, seed=0, progress=False)
+    for method in ("adam", "svi"):
+        big = GPVAE(2, hidden=8).fit(Y, batch_size=8, method=method, **kw)
+        full = GPVAE(2, hidden=8).fit(Y, method=method, **kw)
+        np.testing.assert_allclose(big.history.loss, full.history.loss, rtol=1e-12)
+
+
 def test_unknown_method_raises_before_state_changes(data):
     m = GPVAE(2, hidden=16)
     with pytest.raises(ValueError, match="`method`"):

@@ -88,3 +88,6 @@ def test_bad_input(data):
         model.fit(x, y, method="lbfgs", batch_size=4)
     with pytest.raises(lgp.models.base.NotFittedError):
         model.predict(x)
+    model.fit(x, y, steps=1, progress=False)
+    with pytest.raises(ValueError, match="`X` has 2 input columns"):
+        model.fit(np.column_stack([x, x]), y, steps=1)

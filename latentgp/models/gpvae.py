@@ -194,6 +194,8 @@ class GPVAE(Model):
             batch_size = check_int(batch_size, "batch_size", 1)
         y = torch.as_tensor(arr, dtype=self.dtype)
         N, T, D = y.shape
+        if batch_size is not None and batch_size >= N:  # a batch of every sequence is the full batch
+            batch_size = None
         if self._train is not None and D != self._train.shape[2]:  # a refit with a different feature count
             if self.config["custom_encoder"] or self.config["custom_decoder"]:
                 raise ValueError(f"`Y` has {D} features but the user-supplied encoder/decoder were built for "

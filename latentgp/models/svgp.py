@@ -117,6 +117,9 @@ class SVGP(Model):
         if kappa > 1 and self.config["noise"] is None and learn_hyperparameters and self.config["num_inducing"] >= n:
             raise ValueError("`data_weight` > 1 with a learned noise and `num_inducing` >= n has no optimum "
                              "(noise -> 0); fix the noise (SVGP(noise=...)) or use fewer inducing points.")
+        if self._train is not None and d != self._train[0].values.shape[1]:
+            raise ValueError(f"`X` has {d} input columns but this SVGP was fitted on {self._train[0].values.shape[1]} "
+                             "(its inducing points and kernel have that width); create a new SVGP.")
         with seeded(seed):
             if self.gp is None:
                 self._build(inputs.values, target)
