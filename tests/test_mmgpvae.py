@@ -202,6 +202,11 @@ def test_final_lr_phase_in_history(blob):
     m = MultimodalGPVAE(2, (0, 0), n_frequencies=4, bin_width=0.02, hidden=8)
     m.fit(blob["counts"][:4], blob["images"][:4], steps=10, final_lr=1e-3, progress=False, seed=0)
     assert list(m.history.step) == list(range(10))
+    plain = MultimodalGPVAE(2, (0, 0), n_frequencies=4, bin_width=0.02, hidden=8)
+    plain.fit(blob["counts"][:4], blob["images"][:4], steps=10, progress=False, seed=0)
+    # same seed: the first 8 steps coincide, the last 2 (the final_lr phase) move the parameters less
+    np.testing.assert_allclose(m.history.loss[:8], plain.history.loss[:8], rtol=1e-12)
+    assert not np.allclose(m.history.loss[8:], plain.history.loss[8:], rtol=1e-9)
     with pytest.raises(ValueError, match="final_lr"):
         m.fit(blob["counts"][:4], blob["images"][:4], steps=10, final_lr=-1.0)
 

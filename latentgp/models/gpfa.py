@@ -416,7 +416,7 @@ class GPFA(Model):
         N, p, T = post.mean.shape
         mean = post.mean.transpose(1, 2) @ par["C"].T + par["d"]  # (N, T, neurons)
         if self.config["sqrt_transform"]:
-            cov_t = post.cov.reshape(p, T, p, T).diagonal(dim1=1, dim2=3).permute(2, 0, 1)  # (T, p, p) per bin
+            cov_t = _time_blocks(post.cov, p, T)  # (T, p, p) per bin
             var = torch.einsum("np,tpq,nq->tn", par["C"], cov_t, par["C"])
             expected = mean**2 + var + par["R"]
         else:
