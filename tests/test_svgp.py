@@ -76,6 +76,9 @@ def test_bad_input(data):
         lgp.SVGP(variational="diagonal")
     with pytest.raises(ValueError, match="num_inducing"):
         lgp.SVGP(num_inducing=0)
+    with_prior = gpytorch.kernels.RBFKernel(lengthscale_prior=gpytorch.priors.GammaPrior(2.0, 2.0))
+    with pytest.raises(ValueError, match="priors"):
+        lgp.SVGP(kernel=with_prior)
     model = lgp.SVGP(num_inducing=len(x))
     with pytest.raises(ValueError, match="data_weight"):
         model.fit(x, y, data_weight=3.0, steps=5)  # learned noise, M >= n: no optimum

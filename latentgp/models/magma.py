@@ -297,9 +297,9 @@ class Magma(Model):
         ``"shared"`` with ``common_hp=True``, ``"fit"`` otherwise -- as the authors' MagmaClustR
         (``pred_magmaclust`` / ``train_gp_clust``) and their simulation study (common hyperparameters,
         "Hoo"). ``"fit"`` needs the default task kernel. The values used are in ``attrs["new_task_hp"]``
-        (NaN where a custom kernel has no such parameter). New tasks are computed in batches (padded to a
-        common length; only the blocks the forecast needs, never the targets x targets covariance, in chunks
-        sized to bound memory), not one by one.
+        (NaN where a custom kernel has no such parameter). With ``"shared"`` new tasks are computed in batches
+        (padded to a common length; only the blocks the forecast needs, never the targets x targets covariance,
+        in chunks sized to bound memory); with ``"fit"`` one task at a time.
         """
         self._require_fitted("predict()")
         check_level(level)

@@ -67,6 +67,10 @@ class SVGP(Model):
                  noise: float | None = None, *, learn_inducing: bool = True, dtype=DEFAULT_DTYPE):
         if kernel is not None and not isinstance(kernel, gpytorch.kernels.Kernel):
             raise TypeError(f"`kernel` must be a gpytorch Kernel; got {type(kernel).__name__}.")
+        if kernel is not None and any(True for _ in kernel.named_priors()):
+            raise ValueError("`kernel` has priors registered on its hyperparameters; SVGP fits point estimates on "
+                             "the (data-weighted) ELBO and would ignore them silently: pass a kernel without priors "
+                             "(GPRegressor supports hyperparameter priors).")
         if variational not in _VARIATIONAL:
             raise ValueError(f"`variational` must be 'full' or 'meanfield'; got {variational!r}.")
         if mean not in ("constant", "zero"):
