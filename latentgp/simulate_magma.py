@@ -64,6 +64,10 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     """
     n_tasks, n_points = check_int(n_tasks, "n_tasks", 1), check_int(n_points, "n_points", 1)
     n_clusters, n_new = check_int(n_clusters, "n_clusters", 1), check_int(n_new, "n_new")
+    for name, flag in (("common_hp", common_hp), ("common_inputs", common_inputs),
+                       ("common_cluster_hp", common_cluster_hp)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"`{name}` must be True or False; got {flag!r}.")
     rng = np.random.default_rng(seed)
     grid = np.linspace(0, 10, 201) if grid is None else np.sort(np.asarray(grid, dtype=float))
     if n_points > len(grid):
@@ -74,10 +78,10 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     if intercepts.shape != (n_clusters,):
         raise ValueError(f"`intercepts` must have n_clusters={n_clusters} values; got {intercepts.shape}.")
     slopes = rng.uniform(-2, 2, n_clusters)
-    shared = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
+    cluster_hp = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
     means = []
     for k in range(n_clusters):  # per-cluster variant: (v_k, l_k, draw) per cluster, the earlier order
-        v, ell = shared if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
+        v, ell = cluster_hp if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
         means.append(slopes[k] * grid + intercepts[k] + _draw(rng, _se(grid, v, ell), 1)[0])
     means = np.stack(means)
     total = n_tasks + n_new

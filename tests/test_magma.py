@@ -248,6 +248,8 @@ def test_simulator_follows_the_authors_protocol():
     sim = simulate_magma(6, 10, 2, n_new=2, seed=0)
     shared = sim.train.groupby("ID")["Input"].apply(tuple)
     assert shared.nunique() == 1 and (sim.new.groupby("ID")["Input"].apply(tuple) == shared.iloc[0]).all()
+    with pytest.raises(TypeError, match="common_inputs"):
+        simulate_magma(6, 10, 2, common_inputs="yes")
     own = simulate_magma(6, 10, 2, common_inputs=False, seed=0).train.groupby("ID")["Input"].apply(tuple)
     assert own.nunique() == 6
     with pytest.raises(ValueError, match="task_variance"):
