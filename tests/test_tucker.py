@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import latentgp as lgp
-from latentgp.kernels import Matern
+from latentgp.kernels import Matern, state_space_form
 from latentgp.variational import cep
+from latentgp.variational.cvi import expected_log_prior, latent_blocks
 
 T64 = torch.float64
 
@@ -253,7 +254,10 @@ def test_hyperparameter_steps_climb_to_the_maximiser_of_the_expected_log_prior()
     coords, y = _toy(n=300, seed=4)
     model = lgp.FunctionalTucker(1).fit(coords, y, sweeps=4, learn_hyperparameters=False, progress=False, seed=0)
     mode = model._modes[0]
-    objective = model._hyper_objective(mode)
+    blocks = [b.detach() for b in latent_blocks(mode._smoother, mode.rank)]
+
+    def objective():  # mode 0's part of the M-step objective; the modes' parts are separable
+        return -expected_log_prior(state_space_form(mode.kernel), mode._dt, *blocks) / len(mode.values)
 
     def at(log_ls):
         mode.kernel.lengthscale = torch.full((1, 1, 1), float(np.exp(log_ls)), dtype=T64)
@@ -264,9 +268,9 @@ def test_hyperparameter_steps_climb_to_the_maximiser_of_the_expected_log_prior()
                                        options={"xatol": 1e-10}).x))
     assert ref > 0.1
     mode.kernel.lengthscale = torch.full((1, 1, 1), 0.05, dtype=T64)  # a start well away from the optimum
-    opt = torch.optim.Adam(mode.kernel.parameters(), lr=0.05)
+    opt = torch.optim.Adam([p for m in model._modes for p in m.kernel.parameters()], lr=0.05)
     for _ in range(400):
-        model._hyper_step(mode, opt)
+        model._hyper_step(opt)  # every mode's step at once, as in fit()
     assert float(mode.kernel.lengthscale.detach()) == pytest.approx(ref, rel=1e-3)
 
 
@@ -282,3 +286,27 @@ def test_user_kernels_with_an_outputscale_are_learned_and_recorded():
     cols = set(model.history.columns)
     assert {"outputscale_mode0_0", "lengthscale_mode1_base_kernel_1"} <= cols
     assert model.history["outputscale_mode0_0"].iloc[-1] != model.history["outputscale_mode0_0"].iloc[0]
+
+
+def test_batched_expected_log_priors_equal_the_weighted_sum_of_single_chains():
+    """FunBaT's M-step evaluates every mode in one batch: equal (value and gradient, 1e-12) to the weighted
+    sum of one evaluation per mode, also when the modes' shapes differ (then evaluated one by one)."""
+    from latentgp.variational.cvi import expected_log_priors
+
+    coords, y = _toy(n=300, seed=5)
+    for rank in (2, [2, 3]):
+        kind = "cp" if rank == 2 else "tucker"
+        model = lgp.FunctionalTucker(rank, kind=kind).fit(coords, y, sweeps=3, progress=False, seed=0)
+        modes = model._modes
+        blocks = [[b.detach() for b in latent_blocks(m._smoother, m.rank)] for m in modes]
+        weights = [1.0 / len(m.values) for m in modes]
+        params = [p for m in modes for p in m.kernel.parameters()]
+        together = expected_log_priors([state_space_form(m.kernel) for m in modes], [m._dt for m in modes], blocks,
+                                       weights=weights)
+        g_together = torch.autograd.grad(together, params)
+        apart = sum(w * expected_log_prior(state_space_form(m.kernel), m._dt, *b)
+                    for m, b, w in zip(modes, blocks, weights, strict=True))
+        g_apart = torch.autograd.grad(apart, params)
+        assert float(together.detach()) == pytest.approx(float(apart.detach()), rel=1e-12)
+        for a, b in zip(g_together, g_apart, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)

@@ -123,20 +123,21 @@ def site_expected_log(sites: Sites, y_site, R_site, mask, m_f, V_f):
     return torch.where(mask, per_step, torch.zeros_like(per_step)).sum(-1)
 
 
-def site_posterior(A, Q, P0, H, sites: Sites, *, square_root: bool = False):
+def site_posterior(A, Q, P0, H, sites: Sites, *, square_root: bool = False, engine: str = "scan"):
     """q = prior x sites by one Kalman smoothing pass: returns the pseudo-observations (ỹ, R̃, mask),
     the joint-state smoother result and the latent marginals m_f (..., T, L), V_f (..., T, L, L).
 
     ``square_root``: smooth the exact :meth:`Sites.square_root_observations` instead (for sites that
-    may be rank-deficient); the smoother's log-likelihood is then not log Z and the first item is None."""
+    may be rank-deficient); the smoother's log-likelihood is then not log Z and the first item is None.
+    ``engine``: passed to :func:`~latentgp.linalg.kalman.kalman_smoother` ("auto" for no-gradient callers)."""
     if square_root:
         z, G = sites.square_root_observations()
         eye = torch.eye(z.shape[-1], dtype=z.dtype)
-        sm = kalman_smoother(A, Q, G @ H, eye.expand(*G.shape), z, P0)
+        sm = kalman_smoother(A, Q, G @ H, eye.expand(*G.shape), z, P0, engine=engine)
         pseudo = None
     else:
         pseudo = sites.pseudo_observations()
-        sm = kalman_smoother(A, Q, H, pseudo[1], pseudo[0], P0, mask=pseudo[2])
+        sm = kalman_smoother(A, Q, H, pseudo[1], pseudo[0], P0, mask=pseudo[2], engine=engine)
     m_f, V_f = latent_marginals(sm.means, sm.covs, H)
     return pseudo, sm, m_f, V_f
 
@@ -180,34 +181,71 @@ def expected_log_prior(form, dt: torch.Tensor, means, covs, cross):
     Kalman smoother. Uses E[(x_t - A x_{t-1})(·)ᵀ] = r rᵀ + P_t - A Cᵀ - C Aᵀ + A P_{t-1} Aᵀ with
     r = m_t - A m_{t-1} and C = Cov(x_t, x_{t-1}).
     """
-    A, Q, P0 = form.transition(dt)[..., 1:, :, :], form.process_noise(dt)[..., 1:, :, :], form.P_inf
-    s = means.shape[-1]
-    m_prev, m_next = means[..., :-1, :], means[..., 1:, :]
+    return expected_log_priors([form], [dt], [(means, covs, cross)])
+
+
+def expected_log_priors(forms, dts, blocks, weights=None):
+    """Σ_k w_k E_q[log p_θk(x_k)] over independent chains k (e.g. FunBaT's modes), each as in
+    :func:`expected_log_prior` with its own form, ``dts[k]`` and ``blocks[k]`` = (means, covs, cross);
+    ``weights`` default 1. Chains whose blocks share their leading shape and state size are evaluated
+    as one batch (their transitions concatenated along time): the cost of this objective and of its
+    backward pass is the number of calls, not the arithmetic."""
+    weights = [1.0] * len(forms) if weights is None else list(weights)
+    shapes = {(b[0].shape[:-2], b[0].shape[-1]) for b in blocks}
+    if len(shapes) > 1:  # chains of different shapes: one evaluation each
+        return sum(expected_log_priors([f], [d], [b], [w]) for f, d, b, w in zip(forms, dts, blocks, weights,
+                                                                                   strict=True))
+    trans, first = [], []
+    for form, dt, (means, covs, cross), w in zip(forms, dts, blocks, weights, strict=True):
+        A, Q = form.transition(dt)[..., 1:, :, :], form.process_noise(dt)[..., 1:, :, :]
+        trans.append((A, Q, means[..., :-1, :], means[..., 1:, :], covs[..., :-1, :, :], covs[..., 1:, :, :], cross,
+                      torch.full((means.shape[-2] - 1,), w, dtype=means.dtype)))
+        first.append((form.P_inf, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=means.dtype)))
+    A, Q, m_prev, m_next, c_prev, c_next, cross, w_t = _cat_transitions(trans)
+    s = m_prev.shape[-1]
     r = m_next - (A @ m_prev.unsqueeze(-1)).squeeze(-1)
     AC = A @ cross.transpose(-1, -2)
-    second = (r.unsqueeze(-1) * r.unsqueeze(-2) + covs[..., 1:, :, :] - AC - AC.transpose(-1, -2)
-              + A @ covs[..., :-1, :, :] @ A.transpose(-1, -2))
-    chol_Q, info = torch.linalg.cholesky_ex(Q)
-    if bool((info > 0).any()):
-        # Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation: jitter
-        # relative to the stationary covariance, escalated 1e-12 ... 1e-8 only as far as needed.
-        eye = torch.eye(s, dtype=Q.dtype)
-        scale = P0.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None, None]
-        for rel in (1e-12, 1e-10, 1e-8):
-            chol_Q, info = torch.linalg.cholesky_ex(Q + rel * scale * eye)
-            if not bool((info > 0).any()):
-                break
-        else:
-            raise torch.linalg.LinAlgError("State-space process noise Q is not positive definite even with jitter "
-                                           "1e-8; check for (near-)duplicate time points or extreme lengthscales.")
-    trans = torch.cholesky_solve(second, chol_Q).diagonal(dim1=-2, dim2=-1).sum(-1)
-    trans = trans + 2 * chol_Q.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    m0, V0 = means[..., 0, :], covs[..., 0, :, :]
+    second = (r.unsqueeze(-1) * r.unsqueeze(-2) + c_next - AC - AC.transpose(-1, -2) + A @ c_prev @ A.transpose(-1, -2))
+    P0 = torch.stack(torch.broadcast_tensors(*[f[0] for f in first]))
+    chol_Q = _process_noise_cholesky(Q, P0.diagonal(dim1=-2, dim2=-1).amax(-1).amax(0)[..., None, None, None], s)
+    lt = torch.cholesky_solve(second, chol_Q).diagonal(dim1=-2, dim2=-1).sum(-1)
+    lt = lt + 2 * chol_Q.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (..., L, sum_k (T_k - 1))
+    m0 = torch.stack([f[1] for f in first])
+    V0 = torch.stack([f[2] for f in first])
+    w0 = torch.stack([f[3] for f in first])
+    lead = m_prev.dim() - 3  # leading batch dims of the blocks, before (L, T, s)
+    P0 = P0.reshape(P0.shape[:1] + (1,) * lead + P0.shape[1:])
     chol_0 = torch.linalg.cholesky(P0)
-    first = torch.cholesky_solve(V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), chol_0).diagonal(dim1=-2, dim2=-1).sum(-1)
-    first = first + 2 * chol_0.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    T = means.shape[-2]
-    return -0.5 * (trans.sum() + first.sum() + T * s * math.log(2 * math.pi) * first.numel())
+    l0 = torch.cholesky_solve(V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), chol_0).diagonal(dim1=-2, dim2=-1).sum(-1)
+    l0 = l0 + 2 * chol_0.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K, ..., L)
+    n_chains = l0[0].numel()  # chains per form: leading batch x L
+    const = sum(w * b[0].shape[-2] for w, b in zip(weights, blocks, strict=True)) * s * math.log(2 * math.pi) * n_chains
+    w0 = w0.reshape((-1,) + (1,) * (l0.dim() - 1))
+    return -0.5 * ((lt * w_t).sum() + (l0 * w0).sum() + const)
+
+
+def _cat_transitions(trans):
+    """Concatenate the per-chain transition pieces along their time axis."""
+    out = []
+    for i, parts in enumerate(zip(*trans, strict=True)):
+        time_axis = -1 if i == 7 else (-2 if i in (2, 3) else -3)
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=time_axis))
+    return out
+
+
+def _process_noise_cholesky(Q, scale, s):
+    """chol(Q_t); Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation:
+    jitter relative to the stationary covariance's scale, escalated 1e-12 ... 1e-8 only as far as needed."""
+    chol_Q, info = torch.linalg.cholesky_ex(Q)
+    if not bool((info > 0).any()):
+        return chol_Q
+    eye = torch.eye(s, dtype=Q.dtype)
+    for rel in (1e-12, 1e-10, 1e-8):
+        chol_Q, info = torch.linalg.cholesky_ex(Q + rel * scale * eye)
+        if not bool((info > 0).any()):
+            return chol_Q
+    raise torch.linalg.LinAlgError("State-space process noise Q is not positive definite even with jitter "
+                                   "1e-8; check for (near-)duplicate time points or extreme lengthscales.")
 
 
 def noise_factors(Q, P0):
