@@ -60,10 +60,14 @@ class StateSpaceForm:
 
     def process_noise(self, dt) -> Tensor:
         """Q(dt) = P_inf - A P_inf A^T, shape (*batch, T, s, s), symmetrised against round-off."""
+        return self.discretise(dt)[1]
+
+    def discretise(self, dt) -> tuple[Tensor, Tensor]:
+        """(A(dt), Q(dt)) with one evaluation of the transition (callers that need both)."""
         A = self.transition(dt)
         P = self.P_inf.unsqueeze(-3)
         Q = P - A @ P @ A.transpose(-1, -2)
-        return 0.5 * (Q + Q.transpose(-1, -2))
+        return A, 0.5 * (Q + Q.transpose(-1, -2))
 
     def covariance(self, dt) -> Tensor:
         """k(dt) = H A(|dt|) P_inf H^T, shape (*batch, T); for checking the form against the kernel."""

@@ -47,6 +47,9 @@ microseconds) plus the arithmetic, which is memory-bound. So:
   of the disturbance smoother (de Jong 1989; Koopman & Shephard 1992; Durbin & Koopman 2012, sec. 4.5,
   7.3) -- then a fixed number of batched products for the gradients of every input. Autograd records
   none of the scan's small operations, and both passes run in inference mode (cheaper calls).
+* Without gradients, short chains: ``kalman_smoother(..., engine="auto")`` runs the textbook sequential
+  recursion compiled with numba (:mod:`latentgp.linalg.kalman_compiled`) -- O(T s^3) machine code
+  instead of a few hundred eager calls per pass (FunBaT's CEP sweeps).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class StateSpacePrior(ExactGPPrior):
         """Mean and state-space matrices (A, Q, H, R, P0) at sorted times ``t`` (what the Kalman solvers need)."""
         form = state_space_form(self.kernel)
         dt = torch.diff(t, prepend=t[:1])
-        A, Q = form.transition(dt), form.process_noise(dt)
+        A, Q = form.discretise(dt)
         H = form.H.reshape(1, -1)
         R = self.noise.reshape(1, 1, 1).expand(t.shape[0], 1, 1)
         mean = self.mean_module(t.unsqueeze(-1))

@@ -65,7 +65,7 @@ def markov_prior(kernel, times: torch.Tensor) -> MarkovPrior:
     H = form.H.reshape(-1, s)
     if not torch.equal(H, H[:1].expand_as(H)):
         raise ValueError("`kernel`: every latent's state-space form must share its observation row H.")
-    return MarkovPrior(form.transition(dt), form.process_noise(dt), form.P_inf, H[:1],
+    return MarkovPrior(*form.discretise(dt), form.P_inf, H[:1],
                        joint_state_space(form, dt))
 
 

@@ -36,7 +36,7 @@ def joint_state_space(form, dt: torch.Tensor):
 
     Returns A, Q (T, L*s, L*s), P0 (L*s, L*s) and H (L, L*s) selecting each latent's value.
     """
-    A, Q, P0, H = form.transition(dt), form.process_noise(dt), form.P_inf, form.H
+    (A, Q), P0, H = form.discretise(dt), form.P_inf, form.H
     if A.dim() == 3:  # an unbatched kernel has no latent axis to stack
         raise ValueError("joint_state_space needs a kernel with batch_shape (n_latents,).")
     A = block_diag_batch(A.transpose(0, 1))  # (L, T, s, s) -> (T, L*s, L*s)
@@ -197,7 +197,7 @@ def expected_log_priors(forms, dts, blocks, weights=None):
                                                                                    strict=True))
     trans, first = [], []
     for form, dt, (means, covs, cross), w in zip(forms, dts, blocks, weights, strict=True):
-        A, Q = form.transition(dt)[..., 1:, :, :], form.process_noise(dt)[..., 1:, :, :]
+        A, Q = (x[..., 1:, :, :] for x in form.discretise(dt))
         trans.append((A, Q, means[..., :-1, :], means[..., 1:, :], covs[..., :-1, :, :], covs[..., 1:, :, :], cross,
                       torch.full((means.shape[-2] - 1,), w, dtype=means.dtype)))
         first.append((form.P_inf, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=means.dtype)))
