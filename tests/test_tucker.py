@@ -257,7 +257,7 @@ def test_hyperparameter_steps_climb_to_the_maximiser_of_the_expected_log_prior()
     blocks = [b.detach() for b in latent_blocks(mode._smoother, mode.rank)]
 
     def objective():  # mode 0's part of the M-step objective; the modes' parts are separable
-        return -expected_log_prior(state_space_form(mode.kernel), mode._dt, *blocks) / len(mode.values)
+        return -expected_log_prior(state_space_form(mode.kernel), mode.dt, *blocks) / len(mode.values)
 
     def at(log_ls):
         mode.kernel.lengthscale = torch.full((1, 1, 1), float(np.exp(log_ls)), dtype=T64)
@@ -301,10 +301,11 @@ def test_batched_expected_log_priors_equal_the_weighted_sum_of_single_chains():
         blocks = [[b.detach() for b in latent_blocks(m._smoother, m.rank)] for m in modes]
         weights = [1.0 / len(m.values) for m in modes]
         params = [p for m in modes for p in m.kernel.parameters()]
-        together = expected_log_priors([state_space_form(m.kernel) for m in modes], [m._dt for m in modes], blocks,
-                                       weights=weights)
+        forms = [state_space_form(m.kernel) for m in modes]
+        together = expected_log_priors([(*f.discretise(m.dt), f.P_inf) for f, m in zip(forms, modes, strict=True)],
+                                       blocks, weights=weights)
         g_together = torch.autograd.grad(together, params)
-        apart = sum(w * expected_log_prior(state_space_form(m.kernel), m._dt, *b)
+        apart = sum(w * expected_log_prior(state_space_form(m.kernel), m.dt, *b)
                     for m, b, w in zip(modes, blocks, weights, strict=True))
         g_apart = torch.autograd.grad(apart, params)
         assert float(together.detach()) == pytest.approx(float(apart.detach()), rel=1e-12)

@@ -30,7 +30,14 @@ from ..fit import seeded, torch_threads, train
 from ..io import register_model, saved_dtype
 from ..kernels import Matern, state_space_form
 from ..variational import cep
-from ..variational.cvi import Sites, expected_log_priors, joint_state_space, latent_blocks, site_posterior
+from ..variational.cvi import (
+    Sites,
+    expected_log_priors,
+    joint_state_space,
+    latent_blocks,
+    site_posterior,
+    stack_latents,
+)
 from .base import Model, prediction_frame
 
 CHUNK = 65536  # entries per block of per-entry temporaries
@@ -47,18 +54,28 @@ class _Mode:
         self.rank = int(kernel.batch_shape[0])
         self.sites = Sites.zeros((), len(self.values), self.rank, dtype)
         self.mean = self.cov = None
-        self._cached_form = None  # (kernel parameter values, joint state-space model on the training grid)
+        self.dt = torch.diff(self.grid, prepend=self.grid[:1])
+        # the state-space model on the training grid: (kernel parameter values, per-latent (A, Q, P0, H),
+        # whether differentiable, stacked joint model or None)
+        self._prior = None
 
-    def _state_space(self, dt, cache: bool):
-        """The joint state-space model on ``dt``; on the training grid it is reused while the kernel's
-        parameters keep their values (every sweep with fixed hyperparameters: ~1 ms per mode saved)."""
-        if not cache:
-            return joint_state_space(state_space_form(self.kernel), dt)
-        key = torch.cat([p.detach().reshape(-1) for p in self.kernel.parameters()] + [dt.new_zeros(0)])
-        cached = self._cached_form
-        if cached is None or not torch.equal(cached[0], key):
-            cached = self._cached_form = (key.clone(), joint_state_space(state_space_form(self.kernel), dt))
-        return cached[1]
+    def discretised(self, differentiable: bool = False):
+        """Per-latent (A, Q (R, U, s, s), P0, H) on the training grid, reused while the kernel's parameters
+        keep their values: once per sweep when they are learned (the M-step asks first, with a graph,
+        and the sweep's posterior reuses it detached), once per fit when they are fixed."""
+        key = torch.cat([p.detach().reshape(-1) for p in self.kernel.parameters()] + [self.dt.new_zeros(0)])
+        c = self._prior
+        if c is None or not torch.equal(c[0], key) or (differentiable and not c[2]):
+            with torch.enable_grad() if differentiable else torch.no_grad():
+                form = state_space_form(self.kernel)
+                c = self._prior = [key.clone(), (*form.discretise(self.dt), form.P_inf, form.H), differentiable, None]
+        return c[1]
+
+    def _joint(self):
+        self.discretised()
+        if self._prior[3] is None:
+            self._prior[3] = stack_latents(*(x.detach() for x in self._prior[1]))
+        return self._prior[3]
 
     def posterior(self, extra=None):
         """Posterior at the unique training coordinates, plus at ``extra`` coordinates (no sites) if given.
@@ -84,8 +101,11 @@ class _Mode:
                           shift.index_copy(0, train_pos, sites.shift))
         else:
             train_pos = extra_pos = None
-        dt = torch.diff(grid, prepend=grid[:1])
-        A, Q, P0, H = self._state_space(dt, cache=extra is None)
+        if extra is None:
+            dt, (A, Q, P0, H) = self.dt, self._joint()
+        else:
+            dt = torch.diff(grid, prepend=grid[:1])
+            A, Q, P0, H = joint_state_space(state_space_form(self.kernel), dt)
         # no gradient flows through the sites' posterior (the M-step holds q fixed): the compiled
         # sequential smoother, ~100x fewer calls than the scan for these short, 2R-dimensional chains
         _, sm, mean, cov = site_posterior(A, Q, P0, H, sites, square_root=True, engine="auto")
@@ -238,6 +258,9 @@ class FunctionalTucker(Model):
         opt = torch.optim.Adam([p for m in self._modes for p in m.kernel.parameters()], lr=lr)
 
         def sweep():
+            if learn_hyperparameters:  # this sweep's state-space models, with the graph the M-step needs
+                for mode in self._modes:
+                    mode.discretised(differentiable=True)
             for k in range(len(self._modes)):
                 self._update_mode(k, damping)
             if learn_hyperparameters:
@@ -346,7 +369,7 @@ class FunctionalTucker(Model):
         with torch.no_grad():
             precision, shift = self._messages(k)
             mode.sites = mode.sites.damped(precision, shift, damping)
-            mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
+            mode.mean, mode.cov, mode._smoother, _, _, _ = mode.posterior()
 
     def _hyper_step(self, opt):
         """One Adam step on the variational-EM objective -Σ_k E_q[log p_θk(u_k)] / U_k, q (the last
@@ -354,7 +377,7 @@ class FunctionalTucker(Model):
         modes = self._modes
         blocks = [[b.detach() for b in latent_blocks(m._smoother, m.rank)] for m in modes]
         opt.zero_grad()
-        objective = expected_log_priors([state_space_form(m.kernel) for m in modes], [m._dt for m in modes], blocks,
+        objective = expected_log_priors([m.discretised(differentiable=True)[:3] for m in modes], blocks,
                                         weights=[1.0 / len(m.values) for m in modes])
         (-objective).backward()
         opt.step()
@@ -523,7 +546,7 @@ class FunctionalTucker(Model):
             else:
                 mode.sites = Sites(st["precision"][k], st["shift"][k])
                 with torch.no_grad():
-                    mode.mean, mode.cov, mode._smoother, mode._dt, _, _ = mode.posterior()
+                    mode.mean, mode.cov, mode._smoother, _, _, _ = mode.posterior()
             model._modes.append(mode)
         model._core_mean, model._core_second = st["core_mean"], st["core_second"]
         model.method_ = st.get("method", "cep")

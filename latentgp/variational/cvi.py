@@ -36,7 +36,11 @@ def joint_state_space(form, dt: torch.Tensor):
 
     Returns A, Q (T, L*s, L*s), P0 (L*s, L*s) and H (L, L*s) selecting each latent's value.
     """
-    (A, Q), P0, H = form.discretise(dt), form.P_inf, form.H
+    return stack_latents(*form.discretise(dt), form.P_inf, form.H)
+
+
+def stack_latents(A, Q, P0, H):
+    """:func:`joint_state_space` from the per-latent A, Q (L, T, s, s), P0 (L, s, s) and H (L, s)."""
     if A.dim() == 3:  # an unbatched kernel has no latent axis to stack
         raise ValueError("joint_state_space needs a kernel with batch_shape (n_latents,).")
     A = block_diag_batch(A.transpose(0, 1))  # (L, T, s, s) -> (T, L*s, L*s)
@@ -181,43 +185,41 @@ def expected_log_prior(form, dt: torch.Tensor, means, covs, cross):
     Kalman smoother. Uses E[(x_t - A x_{t-1})(·)ᵀ] = r rᵀ + P_t - A Cᵀ - C Aᵀ + A P_{t-1} Aᵀ with
     r = m_t - A m_{t-1} and C = Cov(x_t, x_{t-1}).
     """
-    return expected_log_priors([form], [dt], [(means, covs, cross)])
+    return expected_log_priors([(*form.discretise(dt), form.P_inf)], [(means, covs, cross)])
 
 
-def expected_log_priors(forms, dts, blocks, weights=None):
+def expected_log_priors(priors, blocks, weights=None):
     """Σ_k w_k E_q[log p_θk(x_k)] over independent chains k (e.g. FunBaT's modes), each as in
-    :func:`expected_log_prior` with its own form, ``dts[k]`` and ``blocks[k]`` = (means, covs, cross);
-    ``weights`` default 1. Chains whose blocks share their leading shape and state size are evaluated
-    as one batch (their transitions concatenated along time): the cost of this objective and of its
-    backward pass is the number of calls, not the arithmetic."""
-    weights = [1.0] * len(forms) if weights is None else list(weights)
+    :func:`expected_log_prior`, with ``priors[k]`` = (A, Q, P0) = (``form.discretise(dt)``, ``form.P_inf``)
+    and ``blocks[k]`` = (means, covs, cross); ``weights`` default 1. Chains whose blocks share their
+    leading shape and state size are evaluated as one batch (their transitions concatenated along
+    time): the cost of this objective and of its backward pass is the number of calls, not the arithmetic."""
+    weights = [1.0] * len(priors) if weights is None else list(weights)
     shapes = {(b[0].shape[:-2], b[0].shape[-1]) for b in blocks}
     if len(shapes) > 1:  # chains of different shapes: one evaluation each
-        return sum(expected_log_priors([f], [d], [b], [w]) for f, d, b, w in zip(forms, dts, blocks, weights,
-                                                                                   strict=True))
+        return sum(expected_log_priors([p], [b], [w]) for p, b, w in zip(priors, blocks, weights, strict=True))
     trans, first = [], []
-    for form, dt, (means, covs, cross), w in zip(forms, dts, blocks, weights, strict=True):
-        A, Q = (x[..., 1:, :, :] for x in form.discretise(dt))
+    for (A, Q, P0), (means, covs, cross), w in zip(priors, blocks, weights, strict=True):
+        A, Q = A[..., 1:, :, :], Q[..., 1:, :, :]
         trans.append((A, Q, means[..., :-1, :], means[..., 1:, :], covs[..., :-1, :, :], covs[..., 1:, :, :], cross,
                       torch.full((means.shape[-2] - 1,), w, dtype=means.dtype)))
-        first.append((form.P_inf, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=means.dtype)))
+        first.append((P0, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=means.dtype)))
     A, Q, m_prev, m_next, c_prev, c_next, cross, w_t = _cat_transitions(trans)
     s = m_prev.shape[-1]
     r = m_next - (A @ m_prev.unsqueeze(-1)).squeeze(-1)
     AC = A @ cross.transpose(-1, -2)
     second = (r.unsqueeze(-1) * r.unsqueeze(-2) + c_next - AC - AC.transpose(-1, -2) + A @ c_prev @ A.transpose(-1, -2))
     P0 = torch.stack(torch.broadcast_tensors(*[f[0] for f in first]))
-    chol_Q = _process_noise_cholesky(Q, P0.diagonal(dim1=-2, dim2=-1).amax(-1).amax(0)[..., None, None, None], s)
-    lt = torch.cholesky_solve(second, chol_Q).diagonal(dim1=-2, dim2=-1).sum(-1)
-    lt = lt + 2 * chol_Q.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (..., L, sum_k (T_k - 1))
+    # Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation: jitter
+    # relative to the stationary covariance's scale, escalated 1e-12 ... 1e-8 only as far as needed.
+    scale = P0.diagonal(dim1=-2, dim2=-1).amax(-1).amax(0)[..., None, None, None]
+    lt = trace_solve_logdet(Q, second, jitter_scale=scale, what="State-space process noise Q")  # (..., L, ΣT_k - K)
     m0 = torch.stack([f[1] for f in first])
     V0 = torch.stack([f[2] for f in first])
     w0 = torch.stack([f[3] for f in first])
     lead = m_prev.dim() - 3  # leading batch dims of the blocks, before (L, T, s)
     P0 = P0.reshape(P0.shape[:1] + (1,) * lead + P0.shape[1:])
-    chol_0 = torch.linalg.cholesky(P0)
-    l0 = torch.cholesky_solve(V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), chol_0).diagonal(dim1=-2, dim2=-1).sum(-1)
-    l0 = l0 + 2 * chol_0.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (K, ..., L)
+    l0 = trace_solve_logdet(P0, V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), what="Stationary covariance P0")  # (K,...,L)
     n_chains = l0[0].numel()  # chains per form: leading batch x L
     const = sum(w * b[0].shape[-2] for w, b in zip(weights, blocks, strict=True)) * s * math.log(2 * math.pi) * n_chains
     w0 = w0.reshape((-1,) + (1,) * (l0.dim() - 1))
@@ -233,19 +235,35 @@ def _cat_transitions(trans):
     return out
 
 
-def _process_noise_cholesky(Q, scale, s):
-    """chol(Q_t); Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation:
-    jitter relative to the stationary covariance's scale, escalated 1e-12 ... 1e-8 only as far as needed."""
-    chol_Q, info = torch.linalg.cholesky_ex(Q)
-    if not bool((info > 0).any()):
-        return chol_Q
-    eye = torch.eye(s, dtype=Q.dtype)
-    for rel in (1e-12, 1e-10, 1e-8):
-        chol_Q, info = torch.linalg.cholesky_ex(Q + rel * scale * eye)
-        if not bool((info > 0).any()):
-            return chol_Q
-    raise torch.linalg.LinAlgError("State-space process noise Q is not positive definite even with jitter "
-                                   "1e-8; check for (near-)duplicate time points or extreme lengthscales.")
+def trace_solve_logdet(M, S, jitter_scale=None, what: str = "The matrix"):
+    """tr(M⁻¹ S) + log|M| for every symmetric positive-definite (s, s) M in a batch, broadcast against S.
+
+    s <= 2 in closed form on the entries (the M-steps' Matérn-½ / -3/2 states: elementwise ops, whose
+    backward is as cheap as their forward, instead of batched LAPACK calls on thousands of 2 x 2
+    matrices), a Cholesky factor otherwise. If some M is not numerically positive definite and
+    ``jitter_scale`` is given, ``rel * jitter_scale * I`` is added with rel = 1e-12, 1e-10, 1e-8, only as far
+    as needed; otherwise (or if that fails) a LinAlgError naming ``what``."""
+    s = M.shape[-1]
+    eye = torch.eye(s, dtype=M.dtype, device=M.device)
+    for rel in (0.0,) + ((1e-12, 1e-10, 1e-8) if jitter_scale is not None else ()):
+        Mj = M if rel == 0.0 else M + rel * jitter_scale * eye
+        if s == 1:
+            m = Mj[..., 0, 0]
+            if bool((m > 0).all()):
+                return S[..., 0, 0] / m + m.log()
+        elif s == 2:
+            a, b, d = Mj[..., 0, 0], 0.5 * (Mj[..., 0, 1] + Mj[..., 1, 0]), Mj[..., 1, 1]
+            det = a * d - b * b
+            if bool(((a > 0) & (det > 0)).all()):
+                return (d * S[..., 0, 0] - b * (S[..., 0, 1] + S[..., 1, 0]) + a * S[..., 1, 1]) / det + det.log()
+        else:
+            chol, info = torch.linalg.cholesky_ex(Mj)
+            if not bool((info > 0).any()):
+                quad = torch.cholesky_solve(S.expand(torch.broadcast_shapes(S.shape, Mj.shape)), chol)
+                return quad.diagonal(dim1=-2, dim2=-1).sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    extra = " even with jitter 1e-8" if jitter_scale is not None else ""
+    raise torch.linalg.LinAlgError(f"{what} is not positive definite{extra}; check for (near-)duplicate time "
+                                   "points or extreme lengthscales.")
 
 
 def noise_factors(Q, P0):
