@@ -311,3 +311,16 @@ def test_batched_expected_log_priors_equal_the_weighted_sum_of_single_chains():
         assert float(together.detach()) == pytest.approx(float(apart.detach()), rel=1e-12)
         for a, b in zip(g_together, g_apart, strict=True):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_m_step_rebuilds_its_graph_when_the_hyperparameters_did_not_move():
+    """The state-space models are cached while θ keeps its values, but each M-step needs a fresh graph
+    (backward frees it): two steps that leave θ unchanged (lr = 0) must not reuse a freed graph."""
+    coords, y = _toy(n=200, seed=8)
+    model = lgp.FunctionalTucker(1).fit(coords, y, sweeps=2, tol=None, progress=False, seed=0)
+    before = [m.kernel.lengthscale.detach().clone() for m in model._modes]
+    opt = torch.optim.SGD([p for m in model._modes for p in m.kernel.parameters()], lr=0.0)
+    for _ in range(2):
+        model._hyper_step(opt)
+    assert all(torch.equal(b, m.kernel.lengthscale.detach()) for b, m in zip(before, model._modes, strict=True))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for m in model._modes for p in m.kernel.parameters())

@@ -380,6 +380,8 @@ class FunctionalTucker(Model):
         objective = expected_log_priors([m.discretised(differentiable=True)[:3] for m in modes], blocks,
                                         weights=[1.0 / len(m.values) for m in modes])
         (-objective).backward()
+        for m in modes:  # backward freed the graph: a later M-step must rebuild it even if θ did not move
+            m._prior[2] = False
         opt.step()
 
     def _update_core(self):
