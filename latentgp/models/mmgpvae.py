@@ -218,9 +218,11 @@ class MultimodalGPVAE(Model):
         d = fourier_prior_variances(self.net.kernel, self.config["n_frequencies"], self.period_)
         return fourier_posterior(d, self._basis, *self._sites(spikes, behaviour))
 
-    def _spike_rate_moments(self, mean, var):
-        """Mean and variance of η = z_spk C + d under q (latents are independent under q)."""
-        return mean[..., self._spk_idx] @ self.net.C + self.net.d, var[..., self._spk_idx] @ self.net.C ** 2
+    def _spike_rate_moments(self, mean, var, readout=None):
+        """Mean and variance of η = z_spk C + d under q (latents are independent under q); ``readout``: a
+        (C, d) to use instead of the network's (e.g. fixed, for a subset of neurons)."""
+        C, d = (self.net.C, self.net.d) if readout is None else readout
+        return mean[..., self._spk_idx] @ C + d, var[..., self._spk_idx] @ C ** 2
 
     def _behaviour_log_density(self, behaviour, z):
         eta = self.net.behaviour_decoder(z[..., self._beh_idx])
@@ -435,7 +437,7 @@ class MultimodalGPVAE(Model):
         def loss():
             post = fourier_posterior(d, self._basis, site_mean, torch.exp(site_logprec))
             mean, var = fourier_marginals(post, self._basis)
-            ll = self.likelihood.expected(y, mean[..., self._spk_idx] @ C + off, var[..., self._spk_idx] @ C ** 2)[0]
+            ll = self.likelihood.expected(y, *self._spike_rate_moments(mean, var, (C, off)))[0]
             return -(ll.sum() - post.kl.sum()) / y.shape[:2].numel()
 
         with torch_threads(1):

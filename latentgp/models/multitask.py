@@ -263,24 +263,24 @@ class MultitaskGP(_MultitaskBase):
     def _build(self, X, t, y):
         if not self._fresh:
             return
-        self._init_task_terms(t, y)
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)  # break the symmetry between latents, reproducibly
-            for q, (k, c) in enumerate(zip(self.covariance.kernels, self.covariance.coregs, strict=True)):
-                if self._default_kernel:
-                    k.lengthscale = X.std(0).mean().clamp_min(1e-6) * (q + 1) / self.num_latents
-                c.covar_factor.copy_(torch.randn(c.covar_factor.shape, generator=gen, dtype=self.dtype)
-                                     * (y.var() / self.num_latents / self.rank).sqrt())
+        gen = torch.Generator().manual_seed(0)  # break the symmetry between latents, reproducibly
+        self._start(X, t, y, gen, lambda q: (q + 1) / self.num_latents)
         self._fresh = False
 
     def _random_start(self, X, t, y, gen):
         """Random coregionalisation factors and (default kernel) lengthscales in 0.3..3 x the input spread."""
+        self._start(X, t, y, gen, lambda q: torch.exp(
+            math.log(0.3) + math.log(10) * torch.rand((), generator=gen, dtype=self.dtype)))
+
+    def _start(self, X, t, y, gen, lengthscale_factor):
+        """Task terms from the data, coregionalisation factors ~ N(0, var(y) / (latents x rank)) drawn from
+        ``gen`` and, for the default kernel, latent q's lengthscale = ``lengthscale_factor(q)`` x the input
+        spread (called just before q's factor draw, so random factors interleave with it)."""
         self._init_task_terms(t, y)
         with torch.no_grad():
-            for k, c in zip(self.covariance.kernels, self.covariance.coregs, strict=True):
+            for q, (k, c) in enumerate(zip(self.covariance.kernels, self.covariance.coregs, strict=True)):
                 if self._default_kernel:
-                    k.lengthscale = X.std(0).mean().clamp_min(1e-6) * torch.exp(
-                        math.log(0.3) + math.log(10) * torch.rand((), generator=gen, dtype=self.dtype))
+                    k.lengthscale = X.std(0).mean().clamp_min(1e-6) * lengthscale_factor(q)
                 c.covar_factor.copy_(torch.randn(c.covar_factor.shape, generator=gen, dtype=self.dtype)
                                      * (y.var() / self.num_latents / self.rank).sqrt())
 

@@ -102,6 +102,9 @@ class SICGP(Model):
         self.history = None
         self._train = None
         self.q = None
+        # set by fit(); the defaults are what a loaded or unfitted model uses
+        self._kappa, self._n_samples, self._closed_form = 1.0, 16, False
+        self._U_fixed = self._full_structure = self._raw_W = None
 
     # ------------------------------------------------------------------ prior pieces
     def _prior_mean(self):
@@ -115,7 +118,7 @@ class SICGP(Model):
 
     def _prior_columns(self, batch: np.ndarray) -> torch.Tensor:
         """Û's columns (KL-optimal) for training points ``batch``, differentiable in the hyperparameters."""
-        fixed = getattr(self, "_U_fixed", None)
+        fixed = self._U_fixed
         if fixed is not None:  # hyperparameters frozen during this optimisation: Û is a constant
             return fixed[batch]
         idx = self._pattern_t[batch]
@@ -244,23 +247,23 @@ class SICGP(Model):
                 U = local_posterior_columns(U, self._data_precision())
         self.q = SICVariational(pattern, U, mu).to(self.dtype)
         # V's starting point, for `_set_optimal_mean(track_factor)` (an n x M copy: closed-form fits only)
-        self._raw_W = self.q.raw.detach().clone() if getattr(self, "_closed_form", False) else None
+        self._raw_W = self.q.raw.detach().clone() if self._closed_form else None
 
     def _data_precision(self):
-        return getattr(self, "_kappa", 1.0) / self.likelihood.noise
+        return self._kappa / self.likelihood.noise
 
     def _set_optimal_mean(self, track_factor: bool = False):
         """ν <- its ELBO optimum given the current hyperparameters (Gaussian likelihood; warm-started CG).
         ``track_factor``: also move V by the change of the neighbourhood-posterior factor W since the last
         call (V_ii scaled by W_ii^new / W_ii^old, off-diagonal entries shifted by W^new - W^old)."""
         with torch.no_grad():
-            U = self._U_fixed if getattr(self, "_U_fixed", None) is not None else self._all_prior_columns()
+            U = self._U_fixed if self._U_fixed is not None else self._all_prior_columns()
             if track_factor:
                 W = local_posterior_columns(U, self._data_precision())
                 raw_W = torch.cat([torch.log(W[:, :1]), W[:, 1:]], 1)
                 self.q.raw.add_(raw_W - self._raw_W)
                 self._raw_W = raw_W
-            if getattr(self, "_full_structure", None) is None:
+            if self._full_structure is None:
                 self._full_structure = triangular_structure(self._pattern)
             nu, _ = gaussian_optimal_mean(U, self._pattern_t, self._prior_mean(), self._y, self._data_precision(),
                                           x0=self.q.nu[:, 0], tol=max(1e-6, 100 * torch.finfo(self.dtype).eps),
@@ -274,7 +277,7 @@ class SICGP(Model):
                                 self.likelihood, sparse)
         n = len(self._order)
         weight = n / len(batch) if len(batch) == n else len(self._blocks_idx)
-        return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / n
+        return -weight * (self._kappa * ell - kl).sum() / n
 
     def _system(self, k: int):
         if k not in self._systems:
@@ -286,9 +289,9 @@ class SICGP(Model):
         block's ancestor closure as leaf tensors, see there)."""
         batch = self._blocks_idx[k]
         ell, kl = sampled_elbo_terms(self.q, self._system(k), self._prior_columns(batch), self._prior_mean(),
-                                     self._y[batch], self.likelihood, getattr(self, "_n_samples", 16), local=local)
+                                     self._y[batch], self.likelihood, self._n_samples, local=local)
         weight = len(self._blocks_idx)
-        return -weight * (getattr(self, "_kappa", 1.0) * ell - kl).sum() / len(self._order)
+        return -weight * (self._kappa * ell - kl).sum() / len(self._order)
 
     def _record(self):
         out = {}
@@ -314,7 +317,7 @@ class SICGP(Model):
             self._U_fixed = self._all_prior_columns()
         try:
             history = self._adam(steps, lr, hyper, progress, tol)
-            if getattr(self, "_closed_form", False):
+            if self._closed_form:
                 self._set_optimal_mean(track_factor=bool(hyper))  # for the final hyperparameters
             return history
         finally:
@@ -330,7 +333,7 @@ class SICGP(Model):
         row_opt = RowAdam([self.q.raw, self.q.nu], lr=lr)
         hyper_opt = torch.optim.Adam(hyper, lr=lr) if hyper else None
         n_blocks = len(self._blocks_idx)
-        closed_form = getattr(self, "_closed_form", False)
+        closed_form = self._closed_form
         count = [0]
 
         def step():
