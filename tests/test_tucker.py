@@ -324,3 +324,27 @@ def test_m_step_rebuilds_its_graph_when_the_hyperparameters_did_not_move():
         model._hyper_step(opt)
     assert all(torch.equal(b, m.kernel.lengthscale.detach()) for b, m in zip(before, model._modes, strict=True))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for m in model._modes for p in m.kernel.parameters())
+
+
+def test_one_kernel_for_every_mode_is_copied_per_mode_and_shared_kernels_tie():
+    """``kernel=`` (the issue's signature) gives every mode its own copy, learned separately, and leaves the
+    user's object untouched; the same object in ``kernels=`` ties the modes' hyperparameters (one parameter,
+    stepped once per sweep); bad kernels are refused before fitting."""
+    coords, y = _toy(n=300, seed=9)
+    template = Matern(nu=1.5, batch_shape=torch.Size([2])).double()
+    template.lengthscale = torch.full((2, 1, 1), 0.3, dtype=T64)
+    model = lgp.FunctionalTucker(2, "cp", template).fit(coords, y, sweeps=5, tol=None, progress=False, seed=0)
+    k0, k1 = (m.kernel for m in model._modes)
+    assert k0 is not template and k1 is not template and k0 is not k1
+    assert torch.allclose(template.lengthscale, torch.full((2, 1, 1), 0.3, dtype=T64))
+    assert not torch.allclose(k0.lengthscale, k1.lengthscale)  # learned per mode
+    shared = Matern(nu=1.5, batch_shape=torch.Size([2])).double()
+    tied = lgp.FunctionalTucker(2, kernels=[shared, shared]).fit(coords, y, sweeps=5, tol=None, progress=False, seed=0)
+    assert tied._modes[0].kernel is tied._modes[1].kernel
+    assert tied.history["lengthscale_mode0_0"].equals(tied.history["lengthscale_mode1_0"])
+    with pytest.raises(TypeError, match="kernel"):
+        lgp.FunctionalTucker(2, "cp", 1.5)
+    with pytest.raises(ValueError, match="either"):
+        lgp.FunctionalTucker(2, kernel=template, kernels=[template, template])
+    with pytest.raises(ValueError, match=r"kernel \(mode 0\) must have batch_shape \(3,\)"):
+        lgp.FunctionalTucker(3, kernel=template).fit(coords, y, sweeps=1, progress=False)

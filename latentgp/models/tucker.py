@@ -21,6 +21,8 @@ would otherwise be a fixed ~8 ms per mode and sweep, whatever N.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import torch
@@ -121,15 +123,24 @@ class FunctionalTucker(Model):
     rank : int, or one int per mode (Tucker)
     kind : "cp" (diagonal core, one rank) or "tucker" (core W ~ N(0, I) with q(W) Gaussian)
     nu : Matérn smoothness of the factor functions (0.5, 1.5, 2.5, 3.5); ignored if ``kernels`` given
-    kernels : optional list of one kernel per mode, each with ``batch_shape == (rank_k,)`` and a
-        state-space form (e.g. ``latentgp.kernels.Matern(nu=1.5, batch_shape=torch.Size([R]))``)
+    kernel : optional kernel for every mode's latent functions, with ``batch_shape == (rank,)`` and a
+        state-space form (e.g. ``latentgp.kernels.Matern(nu=1.5, batch_shape=torch.Size([R]))``); each mode
+        gets its own copy, so hyperparameters are learned per mode
+    kernels : optional list of one kernel per mode instead (each ``batch_shape == (rank_k,)``); passing the
+        same kernel object for several modes ties their hyperparameters
     noise_prior : (a0, b0) of the Gamma prior on the noise precision of the *standardised* values
     bias : learn a constant offset b ~ N(0, 1) (standardised scale) added to every entry; with
         ``bias=False`` the values are modelled by the decomposition alone (scaled, not centred)
     """
 
-    def __init__(self, rank, kind: str = "cp", nu: float = 1.5, kernels=None, noise_prior=(1e-3, 1e-3),
+    def __init__(self, rank, kind: str = "cp", kernel=None, nu: float = 1.5, kernels=None, noise_prior=(1e-3, 1e-3),
                  bias: bool = True, dtype=DEFAULT_DTYPE):
+        if kernel is not None:
+            if not isinstance(kernel, torch.nn.Module):
+                raise TypeError(f"`kernel` must be a kernel with a state-space form (the Matérn smoothness is "
+                                f"`nu=`); got {type(kernel).__name__}.")
+            if kernels is not None:
+                raise ValueError("Pass either `kernel` (one for every mode) or `kernels` (one per mode), not both.")
         if not isinstance(bias, bool):
             raise TypeError(f"`bias` must be True or False; got {bias!r}.")
         if kind not in ("cp", "tucker"):
@@ -145,7 +156,7 @@ class FunctionalTucker(Model):
         a0, b0 = noise_prior
         self.noise_prior = (check_positive(a0, "noise_prior[0]"), check_positive(b0, "noise_prior[1]"))
         self.kind, self.nu, self.dtype, self.bias = kind, nu, dtype, bias
-        self._kernels = kernels
+        self._kernel, self._kernels = kernel, kernels
         self.history = None
         self._train = None
         self._tags = None  # history tags of the kernels' hyperparameters (see _hyperparameter_tags)
@@ -177,14 +188,18 @@ class FunctionalTucker(Model):
         ranks = self.rank if isinstance(self.rank, list) else [self.rank] * K
         if len(ranks) != K:
             raise ValueError(f"`rank` gives {len(ranks)} ranks for {K} modes.")
-        if self._kernels is not None:
-            if len(self._kernels) != K:
-                raise ValueError(f"`kernels` has {len(self._kernels)} kernels for {K} modes.")
-            for k, (kern, r) in enumerate(zip(self._kernels, ranks, strict=True)):
+        given, name = self._kernels, "kernels[{k}]"
+        if self._kernel is not None:  # a fresh copy per mode: learned per mode, the user's object untouched
+            given, name = [copy.deepcopy(self._kernel) for _ in range(K)], "kernel (mode {k})"
+        if given is not None:
+            if len(given) != K:
+                raise ValueError(f"`kernels` has {len(given)} kernels for {K} modes.")
+            for k, (kern, r) in enumerate(zip(given, ranks, strict=True)):
                 if tuple(kern.batch_shape) != (r,):
-                    raise ValueError(f"kernels[{k}] must have batch_shape ({r},); got {tuple(kern.batch_shape)}.")
+                    raise ValueError(f"{name.format(k=k)} must have batch_shape ({r},) for rank {r}; "
+                                     f"got {tuple(kern.batch_shape)}.")
                 state_space_form(kern)
-            return [k.to(self.dtype) for k in self._kernels]
+            return [k.to(self.dtype) for k in given]
         kernels = []
         for k, r in enumerate(ranks):
             span = float(np.ptp(coords[:, k]))
@@ -255,7 +270,9 @@ class FunctionalTucker(Model):
         if method == "svi":
             return self._fit_svi(steps, lr, num_particles, learn_hyperparameters, progress, tol, seed)
         # one Adam over every mode's kernel: per-parameter state, so the same steps as one optimiser per mode
-        opt = torch.optim.Adam([p for m in self._modes for p in m.kernel.parameters()], lr=lr)
+        # (a kernel object shared by several modes ties their hyperparameters: each parameter once)
+        params = {id(p): p for m in self._modes for p in m.kernel.parameters()}
+        opt = torch.optim.Adam(list(params.values()), lr=lr)
 
         def sweep():
             if learn_hyperparameters:  # this sweep's state-space models, with the graph the M-step needs
