@@ -473,12 +473,34 @@ def test_compiled_engine_is_fast_for_small_states():
     """The reason it exists: a 6-dimensional state over 200 steps (FunBaT's case) in well under a ms."""
     m = random_model(5, s=6, p=3, batch=(), T=200, missing=0.0)
     kalman_smoother(**m, engine="compiled")  # compile (or load the cache)
-    start = time.perf_counter()
-    for _ in range(20):
-        kalman_smoother(**m, engine="compiled")
-    compiled = (time.perf_counter() - start) / 20
-    start = time.perf_counter()
-    for _ in range(5):
-        kalman_smoother(**m, engine="scan")
-    scan = (time.perf_counter() - start) / 5
-    assert compiled < 0.25 * scan, (compiled, scan)
+
+    def best(engine, repeats):  # fastest of several calls: robust to a busy machine
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kalman_smoother(**m, engine=engine)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    compiled, scan = best("compiled", 20), best("scan", 5)
+    assert compiled < 0.25 * scan, (compiled, scan)  # measured ~0.1
+
+
+def test_compiled_engine_is_cached_across_processes():
+    """numba's on-disk cache must hit in a new process (a nested closure never did: ~6 s per process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from latentgp.linalg.kalman import kalman_smoother\n"
+            "from latentgp.linalg import kalman_compiled as kc\n"
+            "d = dict(dtype=torch.float64)\n"
+            "A = torch.eye(2, **d)[None]\n"
+            "kalman_smoother(A, 0.1 * A, torch.ones(1, 2, **d), torch.ones(1, 1, 1, **d), torch.zeros(3, 1, **d),"
+            " torch.eye(2, **d), engine='compiled')\n"
+            "st = kc._smooth.stats\n"
+            "print(sum(st.cache_hits.values()), sum(st.cache_misses.values()))\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+            for _ in range(2)]
+    hits, misses = map(int, runs[1].stdout.split())
+    assert hits == 1 and misses == 0, [r.stdout for r in runs]

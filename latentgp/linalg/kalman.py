@@ -580,18 +580,24 @@ def kalman_smoother(A, Q, H, R, y, P0, m0=None, mask=None, *, engine: str = "sca
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args)
     if engine == "compiled" and grad:
         raise ValueError("engine='compiled' has no gradient; use engine='scan' (or 'auto') when inputs require grad.")
-    if engine != "scan" and not grad:
-        from . import kalman_compiled
-
-        if engine == "compiled" or kalman_compiled.available():
-            out = _smoother_compiled(args, spec)
-            if out is not None:
-                return out
+    if engine != "scan" and not grad and (engine == "compiled" or _compiled_available()):
+        out = _smoother_compiled(args, spec)
+        if out is not None:
+            return out
     # Without gradients the RTS part runs in inference mode too (cheaper small calls); its outputs are
     # then cloned into ordinary tensors.
     with contextlib.nullcontext() if grad else torch.inference_mode():
         out = _smoother(args, spec)
     return out if grad else SmootherResult(*(x.clone() for x in out))
+
+
+def _compiled_available() -> bool:
+    """Whether the numba engine can be imported (numba is a dependency; this guards exotic platforms)."""
+    try:
+        from . import kalman_compiled  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    return True
 
 
 def _smoother_compiled(args, spec) -> SmootherResult | None:

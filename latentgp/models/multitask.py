@@ -264,23 +264,23 @@ class MultitaskGP(_MultitaskBase):
         if not self._fresh:
             return
         gen = torch.Generator().manual_seed(0)  # break the symmetry between latents, reproducibly
-        self._start(X, t, y, gen, lambda q: (q + 1) / self.num_latents)
+        self._start(X, t, y, gen, lambda q, spread: spread * (q + 1) / self.num_latents)
         self._fresh = False
 
     def _random_start(self, X, t, y, gen):
         """Random coregionalisation factors and (default kernel) lengthscales in 0.3..3 x the input spread."""
-        self._start(X, t, y, gen, lambda q: torch.exp(
+        self._start(X, t, y, gen, lambda q, spread: spread * torch.exp(
             math.log(0.3) + math.log(10) * torch.rand((), generator=gen, dtype=self.dtype)))
 
-    def _start(self, X, t, y, gen, lengthscale_factor):
+    def _start(self, X, t, y, gen, lengthscale):
         """Task terms from the data, coregionalisation factors ~ N(0, var(y) / (latents x rank)) drawn from
-        ``gen`` and, for the default kernel, latent q's lengthscale = ``lengthscale_factor(q)`` x the input
-        spread (called just before q's factor draw, so random factors interleave with it)."""
+        ``gen`` and, for the default kernel, latent q's lengthscale ``lengthscale(q, input spread)`` (called
+        just before q's factor draw, so random lengthscales interleave with the factors as they always did)."""
         self._init_task_terms(t, y)
         with torch.no_grad():
             for q, (k, c) in enumerate(zip(self.covariance.kernels, self.covariance.coregs, strict=True)):
                 if self._default_kernel:
-                    k.lengthscale = X.std(0).mean().clamp_min(1e-6) * lengthscale_factor(q)
+                    k.lengthscale = lengthscale(q, X.std(0).mean().clamp_min(1e-6))
                 c.covar_factor.copy_(torch.randn(c.covar_factor.shape, generator=gen, dtype=self.dtype)
                                      * (y.var() / self.num_latents / self.rank).sqrt())
 

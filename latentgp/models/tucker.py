@@ -57,8 +57,8 @@ class _Mode:
         self.sites = Sites.zeros((), len(self.values), self.rank, dtype)
         self.mean = self.cov = None
         self.dt = torch.diff(self.grid, prepend=self.grid[:1])
-        # the state-space model on the training grid: (kernel parameter values, per-latent (A, Q, P0, H),
-        # whether differentiable, stacked joint model or None)
+        # the state-space model on the training grid: [kernel parameter values, per-latent (A, Q, P0, H),
+        # whether differentiable, stacked joint model or None, the kernel it was built from]
         self._prior = None
 
     def discretised(self, differentiable: bool = False):
@@ -67,10 +67,11 @@ class _Mode:
         and the sweep's posterior reuses it detached), once per fit when they are fixed."""
         key = torch.cat([p.detach().reshape(-1) for p in self.kernel.parameters()] + [self.dt.new_zeros(0)])
         c = self._prior
-        if c is None or not torch.equal(c[0], key) or (differentiable and not c[2]):
+        if (c is None or c[4] is not self.kernel or not torch.equal(c[0], key) or (differentiable and not c[2])):
             with torch.enable_grad() if differentiable else torch.no_grad():
                 form = state_space_form(self.kernel)
-                c = self._prior = [key.clone(), (*form.discretise(self.dt), form.P_inf, form.H), differentiable, None]
+                c = self._prior = [key.clone(), (*form.discretise(self.dt), form.P_inf, form.H), differentiable, None,
+                                   self.kernel]
         return c[1]
 
     def _joint(self):
@@ -255,24 +256,25 @@ class FunctionalTucker(Model):
         y_t = torch.as_tensor((values - self._center) / self._scale, dtype=self.dtype)
         self._train = y_t
         self._modes = [_Mode(coords[:, k], kernels[k], self.dtype) for k in range(coords.shape[1])]
+        ranks = [m.rank for m in self._modes]
+        self._core_mean = self._core_second = None
         with seeded(seed):
             for m in self._modes:  # symmetric zero means would send zero messages: start from a prior draw
                 m.mean = 0.5 * torch.randn(len(m.values), m.rank, dtype=self.dtype)
                 m.cov = 0.1 * torch.eye(m.rank, dtype=self.dtype).expand(len(m.values), m.rank, m.rank)
-        ranks = [m.rank for m in self._modes]
-        if self.kind == "tucker":
-            self._core_mean = torch.randn(*ranks, dtype=self.dtype) / np.sqrt(np.prod(ranks))
-            self._core_second = self._outer(self._core_mean)
-        else:
-            self._core_mean = self._core_second = None
+            if self.kind == "tucker":
+                self._core_mean = torch.randn(*ranks, dtype=self.dtype) / np.sqrt(np.prod(ranks))
+                self._core_second = self._outer(self._core_mean)
+        self._tags = None  # the history's column names follow this fit's mode names
         self._tau = 1.0 / 0.1  # initial noise variance: 10% of the (standardised) signal
         self.method_ = method
         if method == "svi":
             return self._fit_svi(steps, lr, num_particles, learn_hyperparameters, progress, tol, seed)
         # one Adam over every mode's kernel: per-parameter state, so the same steps as one optimiser per mode
-        # (a kernel object shared by several modes ties their hyperparameters: each parameter once)
-        params = {id(p): p for m in self._modes for p in m.kernel.parameters()}
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        if learn_hyperparameters:
+            # (a kernel object shared by several modes ties their hyperparameters: each parameter once)
+            params = {id(p): p for m in self._modes for p in m.kernel.parameters()}
+            opt = torch.optim.Adam(list(params.values()), lr=lr)
 
         def sweep():
             if learn_hyperparameters:  # this sweep's state-space models, with the graph the M-step needs
@@ -282,7 +284,8 @@ class FunctionalTucker(Model):
                 self._update_mode(k, damping)
             if learn_hyperparameters:
                 # Every mode's M-step after all the mode updates: mode k's kernel enters only mode k's own
-                # next posterior, so this equals a step right after each update -- with one backward pass.
+                # next posterior, so this equals a step right after each update -- with one backward pass
+                # (for kernels tied across modes it is one step on the summed objective instead).
                 self._hyper_step(opt)
             if self.kind == "tucker":
                 self._update_core()
@@ -397,8 +400,8 @@ class FunctionalTucker(Model):
         objective = expected_log_priors([m.discretised(differentiable=True)[:3] for m in modes], blocks,
                                         weights=[1.0 / len(m.values) for m in modes])
         (-objective).backward()
-        for m in modes:  # backward freed the graph: a later M-step must rebuild it even if θ did not move
-            m._prior[2] = False
+        for m in modes:  # backward freed the graph: keep plain tensors, and rebuild it even if θ did not move
+            m._prior[1], m._prior[2] = tuple(x.detach() for x in m._prior[1]), False
         opt.step()
 
     def _update_core(self):

@@ -211,9 +211,16 @@ def expected_log_priors(priors, blocks, weights=None):
     second = (r.unsqueeze(-1) * r.unsqueeze(-2) + c_next - AC - AC.transpose(-1, -2) + A @ c_prev @ A.transpose(-1, -2))
     P0 = torch.stack(torch.broadcast_tensors(*[f[0] for f in first]))
     # Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation: jitter
-    # relative to the stationary covariance's scale, escalated 1e-12 ... 1e-8 only as far as needed.
-    scale = P0.diagonal(dim1=-2, dim2=-1).amax(-1).amax(0)[..., None, None, None]
-    lt = trace_solve_logdet(Q, second, jitter_scale=scale, what="State-space process noise Q")  # (..., L, ΣT_k - K)
+    # relative to the chain's stationary covariance, escalated 1e-12 ... 1e-8 only as far as needed.
+    # Jitter is a per-chain decision, so a batch that needs it is evaluated chain by chain instead.
+    if len(priors) > 1:
+        try:
+            lt = trace_solve_logdet(Q, second)
+        except torch.linalg.LinAlgError:
+            return sum(expected_log_priors([p], [b], [w]) for p, b, w in zip(priors, blocks, weights, strict=True))
+    else:
+        scale = P0[0].diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None, None]
+        lt = trace_solve_logdet(Q, second, jitter_scale=scale, what="State-space process noise Q")
     m0 = torch.stack([f[1] for f in first])
     V0 = torch.stack([f[2] for f in first])
     w0 = torch.stack([f[3] for f in first])
