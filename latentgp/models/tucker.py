@@ -22,6 +22,7 @@ would otherwise be a fixed ~8 ms per mode and sweep, whatever N.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,16 @@ from .base import Model, prediction_frame
 CHUNK = 65536  # entries per block of per-entry temporaries
 
 
+@dataclasses.dataclass
+class _Prior:
+    """A mode's state-space model on its training grid, as built from ``kernel`` with parameter values ``key``."""
+
+    key: torch.Tensor
+    kernel: torch.nn.Module
+    per_latent: tuple  # (A, Q, P0, H), with the graph to θ when built for the M-step
+    joint: tuple | None = None  # stacked (A, Q, P0, H) of the joint state, detached, built on first use
+
+
 class _Mode:
     """One mode's coordinates, kernel, CEP sites and posterior moments at its unique coordinates."""
 
@@ -57,9 +68,7 @@ class _Mode:
         self.sites = Sites.zeros((), len(self.values), self.rank, dtype)
         self.mean = self.cov = None
         self.dt = torch.diff(self.grid, prepend=self.grid[:1])
-        # the state-space model on the training grid: [kernel parameter values, per-latent (A, Q, P0, H),
-        # whether differentiable, stacked joint model or None, the kernel it was built from]
-        self._prior = None
+        self._prior = None  # _Prior: the state-space model on the training grid
 
     def discretised(self, differentiable: bool = False):
         """Per-latent (A, Q (R, U, s, s), P0, H) on the training grid, reused while the kernel's parameters
@@ -67,18 +76,23 @@ class _Mode:
         and the sweep's posterior reuses it detached), once per fit when they are fixed."""
         key = torch.cat([p.detach().reshape(-1) for p in self.kernel.parameters()] + [self.dt.new_zeros(0)])
         c = self._prior
-        if (c is None or c[4] is not self.kernel or not torch.equal(c[0], key) or (differentiable and not c[2])):
+        if (c is None or c.kernel is not self.kernel or not torch.equal(c.key, key)
+                or (differentiable and not c.per_latent[0].requires_grad)):
             with torch.enable_grad() if differentiable else torch.no_grad():
                 form = state_space_form(self.kernel)
-                c = self._prior = [key.clone(), (*form.discretise(self.dt), form.P_inf, form.H), differentiable, None,
-                                   self.kernel]
-        return c[1]
+                c = self._prior = _Prior(key.clone(), self.kernel, (*form.discretise(self.dt), form.P_inf, form.H))
+        return c.per_latent
+
+    def release_graph(self):
+        """After the M-step's backward (which freed the graph): keep plain tensors; the next differentiable
+        request rebuilds the graph even if θ did not move."""
+        self._prior.per_latent = tuple(x.detach() for x in self._prior.per_latent)
 
     def _joint(self):
         self.discretised()
-        if self._prior[3] is None:
-            self._prior[3] = stack_latents(*(x.detach() for x in self._prior[1]))
-        return self._prior[3]
+        if self._prior.joint is None:
+            self._prior.joint = stack_latents(*(x.detach() for x in self._prior.per_latent))
+        return self._prior.joint
 
     def posterior(self, extra=None):
         """Posterior at the unique training coordinates, plus at ``extra`` coordinates (no sites) if given.
@@ -95,18 +109,16 @@ class _Mode:
                 raise ValueError("A method='svi' fit predicts only at coordinate values seen in training; "
                                  "refit with method='cep' to predict at new coordinates.")
             return self.mean, self.cov, None, None, None, pos
-        if extra is not None:
+        if extra is None:
+            train_pos = extra_pos = None
+            dt, (A, Q, P0, H) = self.dt, self._joint()
+        else:
             grid, pos = torch.unique(torch.cat((self.grid, extra)), sorted=True, return_inverse=True)
             train_pos, extra_pos = pos[: len(self.grid)], pos[len(self.grid):]
             precision = sites.precision.new_zeros((len(grid), self.rank, self.rank))
             shift = sites.shift.new_zeros((len(grid), self.rank))
             sites = Sites(precision.index_copy(0, train_pos, sites.precision),
                           shift.index_copy(0, train_pos, sites.shift))
-        else:
-            train_pos = extra_pos = None
-        if extra is None:
-            dt, (A, Q, P0, H) = self.dt, self._joint()
-        else:
             dt = torch.diff(grid, prepend=grid[:1])
             A, Q, P0, H = joint_state_space(state_space_form(self.kernel), dt)
         # no gradient flows through the sites' posterior (the M-step holds q fixed): the compiled
@@ -400,8 +412,8 @@ class FunctionalTucker(Model):
         objective = expected_log_priors([m.discretised(differentiable=True)[:3] for m in modes], blocks,
                                         weights=[1.0 / len(m.values) for m in modes])
         (-objective).backward()
-        for m in modes:  # backward freed the graph: keep plain tensors, and rebuild it even if θ did not move
-            m._prior[1], m._prior[2] = tuple(x.detach() for x in m._prior[1]), False
+        for m in modes:
+            m.release_graph()
         opt.step()
 
     def _update_core(self):
@@ -457,17 +469,16 @@ class FunctionalTucker(Model):
     def _hyperparameter_tags(self):
         """(history tag, module, attribute) of every lengthscale / outputscale, found once per fit by walking
         each kernel's submodules (a user kernel may be a ScaleKernel / sum / product of pieces)."""
-        kernels = [m.kernel for m in self._modes]
-        if self._tags is not None and self._tags[0] == [id(k) for k in kernels]:
-            return self._tags[1]
+        if self._tags is not None:  # reset by every fit
+            return self._tags
         tags = []
-        for name, kernel in zip(self.modes, kernels, strict=True):
+        for name, kernel in zip(self.modes, [m.kernel for m in self._modes], strict=True):
             for sub, module in kernel.named_modules():
                 for attr in ("lengthscale", "outputscale"):
                     value = getattr(module, attr, None) if attr in dir(type(module)) else None
                     if isinstance(value, torch.Tensor):
                         tags.append((f"{attr}_{name}" + (f"_{sub}" if sub else ""), module, attr))
-        self._tags = ([id(k) for k in kernels], tags)
+        self._tags = tags
         return tags
 
     # ------------------------------------------------------------------ results
