@@ -198,13 +198,18 @@ def expected_log_priors(priors, blocks, weights=None):
     shapes = {(b[0].shape[:-2], b[0].shape[-1]) for b in blocks}
     if len(shapes) > 1:  # chains of different shapes: one evaluation each
         return sum(expected_log_priors([p], [b], [w]) for p, b, w in zip(priors, blocks, weights, strict=True))
-    trans, first = [], []
-    for (A, Q, P0), (means, covs, cross), w in zip(priors, blocks, weights, strict=True):
-        A, Q = A[..., 1:, :, :], Q[..., 1:, :, :]
-        trans.append((A, Q, means[..., :-1, :], means[..., 1:, :], covs[..., :-1, :, :], covs[..., 1:, :, :], cross,
-                      torch.full((means.shape[-2] - 1,), w, dtype=means.dtype)))
-        first.append((P0, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=means.dtype)))
-    A, Q, m_prev, m_next, c_prev, c_next, cross, w_t = _cat_transitions(trans)
+    def cat(parts, axis):  # the chains' transitions, joined along the time axis
+        return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+
+    mats = [(A[..., 1:, :, :], Q[..., 1:, :, :], covs[..., :-1, :, :], covs[..., 1:, :, :], cross)
+            for (A, Q, _), (_, covs, cross) in zip(priors, blocks, strict=True)]
+    A, Q, c_prev, c_next, cross = (cat(list(parts), -3) for parts in zip(*mats, strict=True))
+    m_prev = cat([b[0][..., :-1, :] for b in blocks], -2)
+    m_next = cat([b[0][..., 1:, :] for b in blocks], -2)
+    dtype = m_prev.dtype
+    w_t = cat([torch.full((b[0].shape[-2] - 1,), w, dtype=dtype) for b, w in zip(blocks, weights, strict=True)], -1)
+    first = [(P0, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=dtype))
+             for (_, _, P0), (means, covs, _), w in zip(priors, blocks, weights, strict=True)]
     s = m_prev.shape[-1]
     r = m_next - (A @ m_prev.unsqueeze(-1)).squeeze(-1)
     AC = A @ cross.transpose(-1, -2)
@@ -231,15 +236,6 @@ def expected_log_priors(priors, blocks, weights=None):
     const = sum(w * b[0].shape[-2] for w, b in zip(weights, blocks, strict=True)) * s * math.log(2 * math.pi) * n_chains
     w0 = w0.reshape((-1,) + (1,) * (l0.dim() - 1))
     return -0.5 * ((lt * w_t).sum() + (l0 * w0).sum() + const)
-
-
-def _cat_transitions(trans):
-    """Concatenate the per-chain transition pieces along their time axis."""
-    out = []
-    for i, parts in enumerate(zip(*trans, strict=True)):
-        time_axis = -1 if i == 7 else (-2 if i in (2, 3) else -3)
-        out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=time_axis))
-    return out
 
 
 def trace_solve_logdet(M, S, jitter_scale=None, what: str = "The matrix"):
