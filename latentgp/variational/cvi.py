@@ -198,6 +198,7 @@ def expected_log_priors(priors, blocks, weights=None):
     shapes = {(b[0].shape[:-2], b[0].shape[-1]) for b in blocks}
     if len(shapes) > 1:  # chains of different shapes: one evaluation each
         return sum(expected_log_priors([p], [b], [w]) for p, b, w in zip(priors, blocks, weights, strict=True))
+
     def cat(parts, axis):  # the chains' transitions, joined along the time axis
         return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
 
@@ -208,13 +209,11 @@ def expected_log_priors(priors, blocks, weights=None):
     m_next = cat([b[0][..., 1:, :] for b in blocks], -2)
     dtype = m_prev.dtype
     w_t = cat([torch.full((b[0].shape[-2] - 1,), w, dtype=dtype) for b, w in zip(blocks, weights, strict=True)], -1)
-    first = [(P0, means[..., 0, :], covs[..., 0, :, :], torch.tensor(w, dtype=dtype))
-             for (_, _, P0), (means, covs, _), w in zip(priors, blocks, weights, strict=True)]
     s = m_prev.shape[-1]
     r = m_next - (A @ m_prev.unsqueeze(-1)).squeeze(-1)
     AC = A @ cross.transpose(-1, -2)
     second = (r.unsqueeze(-1) * r.unsqueeze(-2) + c_next - AC - AC.transpose(-1, -2) + A @ c_prev @ A.transpose(-1, -2))
-    P0 = torch.stack(torch.broadcast_tensors(*[f[0] for f in first]))
+    P0 = torch.stack(torch.broadcast_tensors(*[p[2] for p in priors]))  # (K, L, s, s)
     # Q(dt) = P - A P Aᵀ -> 0 as dt -> 0 and loses its smallest eigenvalues to cancellation: jitter
     # relative to the chain's stationary covariance, escalated 1e-12 ... 1e-8 only as far as needed.
     # Jitter is a per-chain decision, so a batch that needs it is evaluated chain by chain instead.
@@ -226,9 +225,9 @@ def expected_log_priors(priors, blocks, weights=None):
     else:
         scale = P0[0].diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None, None]
         lt = trace_solve_logdet(Q, second, jitter_scale=scale, what="State-space process noise Q")
-    m0 = torch.stack([f[1] for f in first])
-    V0 = torch.stack([f[2] for f in first])
-    w0 = torch.stack([f[3] for f in first])
+    m0 = torch.stack([b[0][..., 0, :] for b in blocks])  # (K, ..., L, s): each chain's first state
+    V0 = torch.stack([b[1][..., 0, :, :] for b in blocks])
+    w0 = torch.tensor(weights, dtype=dtype)
     lead = m_prev.dim() - 3  # leading batch dims of the blocks, before (L, T, s)
     P0 = P0.reshape(P0.shape[:1] + (1,) * lead + P0.shape[1:])
     l0 = trace_solve_logdet(P0, V0 + m0.unsqueeze(-1) * m0.unsqueeze(-2), what="Stationary covariance P0")  # (K,...,L)
