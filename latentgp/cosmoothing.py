@@ -24,7 +24,8 @@ from .data import _as_float_array
 
 
 def check_neuron_split(held_in, n_neurons: int) -> np.ndarray:
-    """Sorted unique neuron indices in [0, n_neurons), at least one held in and one held out."""
+    """Distinct neuron indices in [0, n_neurons), at least one held in and one held out, in the caller's
+    order (the held-in counts' columns follow it)."""
     idx = np.asarray(held_in)
     if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"`held_in` must be a non-empty 1-D sequence of neuron indices; got {held_in!r}.")
@@ -32,7 +33,7 @@ def check_neuron_split(held_in, n_neurons: int) -> np.ndarray:
         raise ValueError(f"`held_in` must be distinct indices in [0, {n_neurons}); got {idx.tolist()}.")
     if len(idx) == n_neurons:
         raise ValueError("`held_in` holds in every neuron; leave at least one out to score.")
-    return np.sort(idx)
+    return idx
 
 
 def poisson_log_likelihood(counts, rates, bin_width: float = 1.0) -> float:
@@ -72,4 +73,7 @@ def co_smoothing(model, counts, held_in, **inference) -> dict:
     if not hasattr(model, "heldout_rates"):
         raise TypeError(f"`model` must be a MultimodalGPVAE or a GPFA; got {type(model).__name__}.")
     rates = model.heldout_rates(arr[..., idx], idx, **inference)
+    if rates.shape[2] != arr.shape[2]:
+        raise ValueError(f"`counts` has {arr.shape[2]} neurons but the model predicts {rates.shape[2]}; pass every "
+                         "neuron the model was fitted on.")
     return co_smoothing_score(arr[..., out], rates[..., out], model.config["bin_width"])

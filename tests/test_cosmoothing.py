@@ -116,3 +116,15 @@ def test_mmgpvae_heldout_inference_is_the_gaussian_vi_optimum(sim):
     assert rates.shape == (2, 20, 12)
     with pytest.raises(ValueError, match="spikes_in"):
         m.heldout_rates(counts[6:8], held_in)
+
+
+def test_held_in_order_is_the_callers_and_neuron_count_is_checked(sim):
+    """Counts follow the caller's ``held_in`` order (they used to be matched to the sorted indices: wrong
+    loadings per column); scoring counts with fewer neurons than the model raises, naming ``counts``."""
+    counts = sim["counts"]
+    g = GPFA(2, bin_width=0.05).fit(counts[:8], steps=5, progress=False)
+    a = g.heldout_rates(counts[8:, :, [7, 0, 3]], [7, 0, 3])
+    b = g.heldout_rates(counts[8:, :, [0, 3, 7]], [0, 3, 7])
+    assert np.allclose(a, b, rtol=1e-10)
+    with pytest.raises(ValueError, match="counts"):
+        co_smoothing(g, counts[8:, :, :6], [0, 2, 4])
