@@ -178,7 +178,9 @@ class GPVAE(Model):
             tol: float | None = None, seed=None):
         """Train encoder, decoder (and kernel) on Y (sequences, time, features) by maximising the ELBO.
 
-        ``batch_size`` sequences per step (default all); ``num_samples`` draws from q per step.
+        ``batch_size`` sequences per step (default all); ``num_samples``: for "adam", draws from one q per
+        step; for "svi", Pyro particles, i.e. ``num_samples`` independent minibatches, encoder and decoder
+        passes per step (``num_samples`` times the cost; the expected objective is the same).
         ``method``: "adam" (torch Adam on the ELBO) or "svi" (Pyro SVI with ``TraceMeanField_ELBO`` on
         :meth:`pyro_model` / :meth:`pyro_guide`, the same objective and the same exact KL; the Pyro param
         store is scoped to the fit). The loss in ``history`` is -ELBO per observed time step

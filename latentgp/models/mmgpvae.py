@@ -451,7 +451,7 @@ class MultimodalGPVAE(Model):
 
         The spike encoder was trained on all neurons and cannot take a subset, so q keeps its form (prior x
         Gaussian sites) but its sites are fitted to these sequences (:meth:`_fit_sites`, ``steps`` L-BFGS
-        iterations from the prior) on the held-in neurons' Poisson likelihood. Scores:
+        iterations from uninformative sites: mean 0, precision 1) on the held-in neurons' Poisson likelihood. Scores:
         :func:`latentgp.cosmoothing.co_smoothing`."""
         from ..cosmoothing import check_neuron_split
 
