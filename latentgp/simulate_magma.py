@@ -90,8 +90,8 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     if not 0 < low <= high:
         raise ValueError(f"`task_variance` must be (low, high) with 0 < low <= high; got {task_variance!r}.")
     hp = rng.uniform([low, 1, 0], [high, np.e, 0.1], size=(1 if common_hp else total, 3))
-    # drawn only when used, so seeded draws of the per-task-inputs variant keep their random stream
-    shared = np.sort(rng.choice(len(grid), n_points, replace=False)) if common_inputs else None
+    # drawn whether used or not: the random stream of every variant stays that of earlier versions
+    shared = np.sort(rng.choice(len(grid), n_points, replace=False))
     rows, ids = [], []
     for i in range(total):  # a handful of tasks, each one small eigendecomposition
         v, ell, s2 = hp[0 if common_hp else i]

@@ -1,5 +1,6 @@
 """save/load keeps a model's floating dtype (a float32 model reloads as float32 and predicts the same)."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -90,6 +91,7 @@ def test_tucker_and_multitask_keep_float32(tmp_path):
     mt = lgp.MultitaskGP(num_tasks=2, dtype=torch.float32).fit(long, x="x", task="task", y="y", steps=3, progress=False)
     loaded = _roundtrip(mt, tmp_path)
     assert loaded.dtype == torch.float32
+    np.testing.assert_array_equal(loaded.predict(long)["mean"].to_numpy(), mt.predict(long)["mean"].to_numpy())
 
 
 def test_gpvae_keeps_float32(tmp_path):
@@ -109,3 +111,7 @@ def test_magma_keeps_float32(cls, tmp_path):
     model.fit(train, steps=2, progress=False)
     loaded = _roundtrip(model, tmp_path)
     assert loaded.dtype == torch.float32
+    new_task = train[train["ID"] == train["ID"].iloc[0]].iloc[:4]
+    grid = pd.DataFrame({"Input": np.linspace(0, 10, 7)})
+    np.testing.assert_array_equal(loaded.predict(new_task, grid)["mean"].to_numpy(),
+                                  model.predict(new_task, grid)["mean"].to_numpy())

@@ -318,7 +318,7 @@ class Magma(Model):
             missing = set(pd.unique(x_new[id_col])) - set(labels)
             if missing:
                 raise ValueError(f"`x_new` has IDs without observations in `df_new`: {sorted(missing)[:5]}.")
-            S = self._new_inputs(x_new[names["x"]], "x_new").numpy()
+            S = self._new_inputs(x_new, "x_new").numpy()
             scodes = pd.Index(labels).get_indexer(x_new[id_col].to_numpy())
         else:
             S = np.tile(self._new_inputs(x_new, "x_new").numpy(), (len(labels), 1))
