@@ -5,7 +5,8 @@
    method. Our choice of truth (the paper's exact values are not in our notes): variance 1,
    lengthscales (0.25, 0.5, 0.75, 1.0, 1.25), noise variance 0.01. RMSE of the posterior mean against the
    noiseless f at the test inputs; NLL = mean negative log predictive density of the noisy test y.
-   Exact GP (GPRegressor, steps=0); SICGP ρ = 1.5 (minibatch Adam on the variational parameters);
+   Exact GP (GPRegressor, steps=0); SICGP ρ = 1.5 (default fit: closed-form Gaussian mean, Adam on the rest of
+   q);
    gpytorch VNNGP (NNVariationalStrategy, k = SICGP's average neighbour count rounded, Adam, minibatch).
 2. KL(N(0, K) ‖ N(0, (ÛÛᵀ)⁻¹)) against ρ, n = 1,000 uniform 2-D points, Matérn-3/2, ℓ = 0.1, no cap on m.
 3. Time per minibatch step (batch 256, m = k = 10, d = 2) at n = 1e3, 1e4, 1e5, SICGP and gpytorch VNNGP

@@ -161,3 +161,18 @@ def check_level(level) -> float:
     if not v < 1:
         raise ValueError(f"`level` must be in (0, 1); got {level!r}.")
     return v
+
+
+def check_point_estimate_kernel(kernel, model: str):
+    """``kernel`` must be a gpytorch Kernel (or None) without registered priors: ``model`` fits point estimates
+    of the hyperparameters and would ignore priors silently."""
+    import gpytorch
+
+    if kernel is None:
+        return
+    if not isinstance(kernel, gpytorch.kernels.Kernel):
+        raise TypeError(f"`kernel` must be a gpytorch Kernel; got {type(kernel).__name__}.")
+    if any(True for _ in kernel.named_priors()):
+        raise ValueError(f"`kernel` has priors registered on its hyperparameters; {model} fits point estimates and "
+                         "would ignore them silently: pass a kernel without priors (GPRegressor supports "
+                         "hyperparameter priors).")

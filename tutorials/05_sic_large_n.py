@@ -38,7 +38,7 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from latentgp.models.sic import SICGP  # also `lgp.SICGP` once exported
+from latentgp.models.sic import SICGP  # also exported as `lgp.SICGP`
 
 SMOKE = os.environ.get("LATENTGP_SMOKE") == "1"
 rng = np.random.default_rng(0)

@@ -19,7 +19,15 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
+from ..data import (
+    DEFAULT_DTYPE,
+    Inputs,
+    as_new_inputs,
+    check_int,
+    check_point_estimate_kernel,
+    check_positive,
+    regression_data,
+)
 from ..fit import optimize, seeded, train
 from ..io import register_model, saved_dtype
 from ..linalg.sic import (
@@ -83,8 +91,7 @@ class SICGP(Model):
                  max_neighbors: int | None = 30, mean: str = "constant", dtype=DEFAULT_DTYPE):
         from ..kernels import Matern
 
-        if kernel is not None and not isinstance(kernel, gpytorch.kernels.Kernel):
-            raise TypeError(f"`kernel` must be a gpytorch Kernel; got {type(kernel).__name__}.")
+        check_point_estimate_kernel(kernel, "SICGP")
         rho, max_neighbors = _check_rho_m(rho, max_neighbors)
         noise = check_positive(noise, "noise", allow_none=True)
         if mean not in ("constant", "zero"):
@@ -143,7 +150,7 @@ class SICGP(Model):
 
         ``method="adam"``: minibatch steps on blocks of ``batch_size`` nearby points (Adam on the touched
         variational rows only, :class:`~latentgp.variational.sic.RowAdam`; Adam for the hyperparameters),
-        each an unbiased ELBO estimate from ``n_samples``
+        each an unbiased ELBO estimate from ``n_samples`` (rounded up to even: antithetic ± pairs)
         draws of q on the block's ancestor closure (cost ~ closure size × m × n_samples, not × batch_size;
         :func:`latentgp.variational.sic.sampled_elbo_terms`). ``method="lbfgs"``: full-batch L-BFGS on the
         exact ELBO (small n).
@@ -374,6 +381,7 @@ class SICGP(Model):
     def latent_moments(self, X, chunk: int = 256):
         """Posterior mean and variance of f at new inputs ``X`` (ordered after the training inputs)."""
         self._require_fitted("predict()")
+        chunk = check_int(chunk, "chunk", 1)
         inputs = self._train[0]
         new = as_new_inputs(X, inputs.columns, dtype=self.dtype)
         ard = _lengthscale(self.kernel)

@@ -20,7 +20,15 @@ import gpytorch
 import pandas as pd
 import torch
 
-from ..data import DEFAULT_DTYPE, Inputs, as_new_inputs, check_int, check_positive, regression_data
+from ..data import (
+    DEFAULT_DTYPE,
+    Inputs,
+    as_new_inputs,
+    check_int,
+    check_point_estimate_kernel,
+    check_positive,
+    regression_data,
+)
 from ..fit import optimize, seeded
 from ..io import register_model, saved_dtype
 from ..objectives_weighted import check_data_weight, weighted_elbo
@@ -65,12 +73,7 @@ class SVGP(Model):
 
     def __init__(self, kernel=None, num_inducing: int = 256, variational: str = "full", mean: str = "constant",
                  noise: float | None = None, *, learn_inducing: bool = True, dtype=DEFAULT_DTYPE):
-        if kernel is not None and not isinstance(kernel, gpytorch.kernels.Kernel):
-            raise TypeError(f"`kernel` must be a gpytorch Kernel; got {type(kernel).__name__}.")
-        if kernel is not None and any(True for _ in kernel.named_priors()):
-            raise ValueError("`kernel` has priors registered on its hyperparameters; SVGP fits point estimates on "
-                             "the (data-weighted) ELBO and would ignore them silently: pass a kernel without priors "
-                             "(GPRegressor supports hyperparameter priors).")
+        check_point_estimate_kernel(kernel, "SVGP (on the data-weighted ELBO)")
         if variational not in _VARIATIONAL:
             raise ValueError(f"`variational` must be 'full' or 'meanfield'; got {variational!r}.")
         if mean not in ("constant", "zero"):
