@@ -106,19 +106,31 @@ def kernel_blocks(kernel, G, n: int, targets: bool = True) -> Blocks:
 
 
 def mean_at(post: MeanPosterior, mean_kernel, union, prior_mean, G, n: int):
-    """q(mu_k) at each task's own inputs G (M, n + s, d): mean (M, K, n + s) and :class:`Blocks` (M, K, ...)."""
+    """q(mu_k) at each task's own inputs G (M, n + s, d): mean (M, K, n + s) and :class:`Blocks` (M, K, ...).
+
+    When every task has the same targets (one prediction grid for all), their columns are solved once, not
+    once per task: the solve is the cost (K x union x columns)."""
     M, g, d = G.shape
-    K = prior_mean.shape[0]
-    C_star = mean_kernel(union, G.reshape(M * g, d)).to_dense().expand(K, union.shape[0], M * g)
-    mean = prior_mean.reshape(K, 1) + (C_star.mT @ post.alpha.unsqueeze(-1)).squeeze(-1)
-    W = post.solve(post.Lam @ C_star)
-    Cb, Wb = C_star.reshape(K, -1, M, g), W.reshape(K, -1, M, g)
-    Co = Cb[..., :n]
+    K, N, s = prior_mean.shape[0], union.shape[0], g - n
+    shared = s > 0 and M > 1 and bool((G[:, n:] == G[:1, n:]).all())
+    targets = G[:1, n:] if shared else G[:, n:]  # (1 or M, s, d)
+    Mt = targets.shape[0]
+    C = mean_kernel(union, torch.cat((G[:, :n].reshape(M * n, d), targets.reshape(Mt * s, d)))).to_dense()
+    C = C.expand(K, *C.shape[-2:])
+    mean = prior_mean.reshape(K, 1) + (C.mT @ post.alpha.unsqueeze(-1)).squeeze(-1)
+    W = post.solve(post.Lam @ C)
+    Co, Wo = C[..., : M * n].reshape(K, N, M, n), W[..., : M * n].reshape(K, N, M, n)
+    Cs, Ws = C[..., M * n :].reshape(K, N, Mt, s), W[..., M * n :].reshape(K, N, Mt, s)
     prior = kernel_blocks(mean_kernel, G.unsqueeze(-3), n)  # (M, K or 1, ...): each task's own blocks
-    oo = prior.oo - torch.einsum("knmg,knmh->mkgh", Co, Wb[..., :n])
-    os = prior.os - torch.einsum("knmg,knmh->mkgh", Co, Wb[..., n:])
-    ss = prior.ss - torch.einsum("knmg,knmg->mkg", Cb[..., n:], Wb[..., n:])
-    return mean.reshape(K, M, g).transpose(0, 1), Blocks(0.5 * (oo + oo.mT), os, ss)
+    oo = prior.oo - torch.einsum("knmg,knmh->mkgh", Co, Wo)
+    if shared:
+        os = prior.os - torch.einsum("knmg,knh->mkgh", Co, Ws[:, :, 0])
+        ss = prior.ss - torch.einsum("knh,knh->kh", Cs[:, :, 0], Ws[:, :, 0])
+    else:
+        os = prior.os - torch.einsum("knmg,knmh->mkgh", Co, Ws)
+        ss = prior.ss - torch.einsum("knmg,knmg->mkg", Cs, Ws)
+    mean = torch.cat((mean[:, : M * n].reshape(K, M, n), mean[:, M * n :].reshape(K, Mt, s).expand(K, M, s)), -1)
+    return mean.transpose(0, 1), Blocks(0.5 * (oo + oo.mT), os, ss.expand(M, K, s))
 
 
 def evidence(tasks: NewTasks, mean, V: Blocks, task_cov: Blocks, noise, log_pi):
