@@ -364,10 +364,9 @@ class Magma(Model):
         first = X[np.unique(codes, return_index=True)[1]]
         Xp, obs, _, _ = nt.pad_rows(codes, M, X, first)
         yp, _, _, _ = nt.pad_rows(codes, M, y, np.zeros(M))
-        Sp, target, _, slot = nt.pad_rows(scodes, M, S, first)
+        Sp, _, _, slot = nt.pad_rows(scodes, M, S, first)
         t = lambda a: torch.as_tensor(a, dtype=self.dtype)  # noqa: E731
-        tasks = nt.NewTasks(t(np.concatenate([Xp, Sp], 1)), t(yp * obs), torch.as_tensor(obs),
-                            torch.as_tensor(target))
+        tasks = nt.NewTasks(t(np.concatenate([Xp, Sp], 1)), t(yp), torch.as_tensor(obs))  # padding y is 0
         return tasks, slot
 
     def _predict_batch(self, tasks: nt.NewTasks, include_noise, mode, steps):

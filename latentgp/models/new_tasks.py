@@ -76,14 +76,13 @@ class NewTasks:
     G: torch.Tensor  # (M, n + s, d)
     y: torch.Tensor  # (M, n), 0 at padding
     obs: torch.Tensor  # (M, n) bool
-    target: torch.Tensor  # (M, s) bool
 
     @property
     def n(self) -> int:
         return self.y.shape[1]
 
     def __getitem__(self, sl):
-        return NewTasks(self.G[sl], self.y[sl], self.obs[sl], self.target[sl])
+        return NewTasks(self.G[sl], self.y[sl], self.obs[sl])
 
 
 class Blocks(NamedTuple):
