@@ -362,9 +362,9 @@ class Magma(Model):
         """Padded new tasks and the padded slot of each target row; padding inputs repeat the task's
         first observed input (finite, harmless)."""
         first = X[np.unique(codes, return_index=True)[1]]
-        Xp, obs, _, _ = nt.pad_rows(codes, M, X, first)
-        yp, _, _, _ = nt.pad_rows(codes, M, y, np.zeros(M))
-        Sp, _, _, slot = nt.pad_rows(scodes, M, S, first)
+        Xp, obs, _ = nt.pad_rows(codes, M, X, first)
+        yp, _, _ = nt.pad_rows(codes, M, y, np.zeros(M))
+        Sp, _, slot = nt.pad_rows(scodes, M, S, first)
         t = lambda a: torch.as_tensor(a, dtype=self.dtype)  # noqa: E731
         tasks = nt.NewTasks(t(np.concatenate([Xp, Sp], 1)), t(yp), torch.as_tensor(obs))  # padding y is 0
         return tasks, slot

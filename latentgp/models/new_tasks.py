@@ -53,20 +53,20 @@ def chunk_size(n_clusters: int, n_union: int, g: int, n: int) -> int:
 def pad_rows(codes: np.ndarray, n_tasks: int, values: np.ndarray, fill: np.ndarray):
     """Group rows by task code (row order kept within a task) into (n_tasks, L, ...) arrays.
 
-    ``fill`` (n_tasks, ...) is written at padding positions. Returns (padded, mask, rows, slots):
-    row r of ``values`` sits at padded[rows[r], slots[r]].
+    ``fill`` (n_tasks, ...) is written at padding positions. Returns (padded, mask, slots):
+    row r of ``values`` sits at padded[codes[r], slots[r]].
     """
     counts = np.bincount(codes, minlength=n_tasks)
     L = max(int(counts.max()) if len(codes) else 0, 1)
     order = np.argsort(codes, kind="stable")
     slot_sorted = np.arange(len(codes)) - np.repeat(np.cumsum(counts) - counts, counts)
-    rows, slots = codes, np.empty_like(codes)
+    slots = np.empty_like(codes)
     slots[order] = slot_sorted
     padded = np.repeat(fill[:, None], L, axis=1).astype(float)
     mask = np.zeros((n_tasks, L), dtype=bool)
-    padded[rows, slots] = values
-    mask[rows, slots] = True
-    return padded, mask, rows, slots
+    padded[codes, slots] = values
+    mask[codes, slots] = True
+    return padded, mask, slots
 
 
 @dataclass
