@@ -82,7 +82,7 @@ def one_dataset(seed: int, n_new: int = 20, steps: int = 20, common_cluster_hp: 
     torch.set_num_threads(1)
     sim = simulate_magma(50, 30, 3, n_new=n_new, seed=seed, common_cluster_hp=common_cluster_hp)
     observed, target = split_observed(sim.new, 20)
-    hp = true_parameters(sim, seed, 50 + n_new, 3, common_cluster_hp=common_cluster_hp)
+    hp = true_parameters(sim)
     rows = []
     t0, c0 = time.perf_counter(), time.process_time()
     clust = MagmaClust(3).fit(sim.train, steps=steps, progress=False, seed=seed)

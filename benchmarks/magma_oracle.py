@@ -11,9 +11,7 @@ The oracle knows what no method can: each cluster's TRUE mean curve and the TRUE
   priors). Where two clusters' curves are closer than the tasks' own deviations no method can separate
   them, and this ARI says how often that happens.
 
-``simulate_magma`` does not return the task hyperparameters, so :func:`true_parameters` replays its
-random draws in the same order and checks the replay against the returned cluster means (a change to
-the simulator's draw order fails loudly here instead of giving a wrong oracle).
+The true values come from the simulation itself (``MagmaSimulation.task_hp``).
 """
 from __future__ import annotations
 
@@ -26,25 +24,12 @@ def _se(a, b, v, ell):
     return v * np.exp(-0.5 * ((a[:, None] - b[None, :]) / ell) ** 2)
 
 
-def true_parameters(sim, seed: int, n_tasks: int, n_clusters: int, grid=None,
-                    task_variance=(1.0, np.e**3), common_cluster_hp: bool = True) -> tuple[float, float, float]:
-    """(v, l, s2) of the tasks of ``simulate_magma(n_tasks, ., n_clusters, seed=seed)`` (default options,
-    ``common_hp=True``); ``n_tasks`` counts training and new tasks."""
-    rng = np.random.default_rng(seed)
-    grid = np.linspace(0, 10, 201) if grid is None else np.sort(np.asarray(grid, dtype=float))
-    intercepts, slopes = rng.uniform(20, 30, n_clusters), rng.uniform(-2, 2, n_clusters)
-    shared = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
-    for k in range(n_clusters):
-        v, ell = shared if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
-        w, V = np.linalg.eigh(_se(grid, grid, v, ell))
-        draw = rng.standard_normal((1, len(w)))[0] @ (V * np.sqrt(np.clip(w, 0, None))).T
-        curve = slopes[k] * grid + intercepts[k] + draw
-        stored = sim.means.loc[sim.means["cluster"] == k, "mean"].to_numpy()
-        if not np.allclose(curve, stored, atol=1e-8):
-            raise RuntimeError("replay of simulate_magma's draws disagrees with its cluster means")
-    rng.integers(0, n_clusters, n_tasks)
-    v, ell, s2 = rng.uniform([task_variance[0], 1, 0], [task_variance[1], np.e, 0.1], size=(1, 3))[0]
-    return float(v), float(ell), float(s2)
+def true_parameters(sim) -> tuple[float, float, float]:
+    """(v, l, s2) shared by the tasks of ``sim`` (a ``simulate_magma`` run with ``common_hp=True``)."""
+    hp = sim.task_hp
+    if not np.all(hp == hp[0]):
+        raise ValueError("the oracle assumes one (v, l, s2) for all tasks: simulate with common_hp=True")
+    return tuple(float(x) for x in hp[0])
 
 
 def _cluster_curve(sim, k, t):

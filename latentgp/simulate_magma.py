@@ -36,6 +36,8 @@ class MagmaSimulation:
     new: pd.DataFrame  # new tasks from the same clusters, full curves (split with split_observed)
     clusters: pd.Series  # true cluster per ID (training and new tasks)
     means: pd.DataFrame  # Input, cluster, mean: the cluster mean processes on the grid
+    cluster_hp: np.ndarray | None = None  # (n_clusters, 2): variance, lengthscale of each cluster's mean curve
+    task_hp: np.ndarray | None = None  # (training + new tasks, 3): variance, lengthscale, noise variance per task
 
 
 def _se(t, variance, lengthscale):
@@ -78,10 +80,11 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     if intercepts.shape != (n_clusters,):
         raise ValueError(f"`intercepts` must have n_clusters={n_clusters} values; got {intercepts.shape}.")
     slopes = rng.uniform(-2, 2, n_clusters)
-    cluster_hp = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
-    means = []
+    shared_hp = (rng.uniform(1, np.e**3), rng.uniform(1, np.e)) if common_cluster_hp else None
+    means, cluster_hp = [], []
     for k in range(n_clusters):  # per-cluster variant: (v_k, l_k, draw) per cluster, the earlier order
-        v, ell = cluster_hp if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
+        v, ell = shared_hp if common_cluster_hp else (rng.uniform(1, np.e**3), rng.uniform(1, np.e))
+        cluster_hp.append((v, ell))
         means.append(slopes[k] * grid + intercepts[k] + _draw(rng, _se(grid, v, ell), 1)[0])
     means = np.stack(means)
     total = n_tasks + n_new
@@ -106,7 +109,8 @@ def simulate_magma(n_tasks: int = 50, n_points: int = 30, n_clusters: int = 3, *
     mean_frame = pd.DataFrame({"Input": np.tile(grid, n_clusters),
                                "cluster": np.repeat(np.arange(n_clusters), len(grid)), "mean": means.reshape(-1)})
     return MagmaSimulation(frame[~is_new].reset_index(drop=True), frame[is_new].reset_index(drop=True),
-                           pd.Series(z, index=pd.Index(ids, name="ID"), name="cluster"), mean_frame)
+                           pd.Series(z, index=pd.Index(ids, name="ID"), name="cluster"), mean_frame,
+                           np.array(cluster_hp), np.broadcast_to(hp, (total, 3)).copy())
 
 
 def split_observed(new: pd.DataFrame, n_observed: int = 20, *, id: str = "ID", x: str = "Input"):

@@ -302,7 +302,7 @@ def test_poor_clusterings_are_the_models_optimum_not_a_poor_start():
     from magma_oracle import bayes_labels, true_parameters
 
     sim = simulate_magma(30, 15, 3, common_cluster_hp=False, seed=7)  # the data set this test was written on
-    bayes = bayes_labels(sim, true_parameters(sim, 7, 30, 3, common_cluster_hp=False))
+    bayes = bayes_labels(sim, true_parameters(sim))
     ari_bayes = adjusted_rand_score(sim.clusters[bayes.index], bayes)
     fits = {}
     for start in ("kmeans", "truth"):
@@ -322,19 +322,15 @@ def test_poor_clusterings_are_the_models_optimum_not_a_poor_start():
 
 def test_common_cluster_hyperparameters_in_simulator_oracle_and_model(tmp_path):
     """The authors' "Hoo" setting: one (variance, lengthscale) for all cluster curves, in the simulator
-    (the oracle's replay of its draws checks the curves) and as a MagmaClust option (one unbatched
+    (recorded with the data, as are the tasks' own) and as a MagmaClust option (one unbatched
     mean-process kernel, kept by save/load)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from magma_oracle import true_parameters
-
     for common in (True, False):
         sim = simulate_magma(8, 6, 3, seed=5, common_cluster_hp=common)
-        true_parameters(sim, 5, 8, 3, common_cluster_hp=common)  # raises if the replay disagrees
-    with pytest.raises(RuntimeError, match="replay"):
-        true_parameters(sim, 5, 8, 3, common_cluster_hp=True)
+        assert sim.cluster_hp.shape == (3, 2) and sim.task_hp.shape == (8, 3)
+        assert np.all(sim.cluster_hp == sim.cluster_hp[0]) == common
+        assert np.all(sim.task_hp == sim.task_hp[0])  # common_hp=True: one (v, l, s2) for every task
+        v, ell = sim.cluster_hp.T
+        assert np.all((1 <= v) & (v <= np.e**3) & (1 <= ell) & (ell <= np.e))
     sim = _separated(3, n_tasks=15, n_points=8)
     model = MagmaClust(3, common_cluster_hp=True).fit(sim.train, steps=2, inner_steps=3, progress=False, seed=0)
     # one mean kernel (2) + task kernel (2) + noise + 2 mixture weights
