@@ -175,3 +175,15 @@ def test_bad_input(small):
     with pytest.raises(ValueError, match="`counts`"):
         model.transform(small[:, :, :5])
     np.testing.assert_array_equal(model.latents(), before)  # failed calls changed nothing
+
+
+def test_transform_accepts_silent_trials(small):
+    """New trials without spikes have a proper posterior (the GP prior): transform must not refuse them
+    (it did, with the fitting-time 'no spikes at all' check); trials are inferred independently."""
+    model = GPFA(2, bin_width=BW, timescales=[0.1, 0.2]).fit(small, steps=3)
+    silent = np.zeros_like(small[:1])
+    both = model.transform(np.concatenate([silent, small[:1]]))
+    assert np.isfinite(both).all() and both.shape == (2,) + small.shape[1:2] + (2,)
+    np.testing.assert_allclose(both[0], model.transform(silent)[0], atol=1e-10)
+    np.testing.assert_allclose(both[1], model.transform(small[:1])[0], atol=1e-10)
+    assert np.abs(both[0]).max() > 0  # pulled away from 0 by the offsets d, not a constant stand-in

@@ -385,7 +385,7 @@ class GPFA(Model):
     def transform(self, counts, orthonormalize: bool = False) -> np.ndarray:
         """Posterior latent means (trials, bins, n_latents) for new trials (any number of bins >= 3)."""
         self._require_fitted("transform()")
-        arr = self._check(counts)
+        arr = self._check(counts, fitting=False)  # new trials may be silent: the posterior is still proper
         if arr.shape[2] != self._train[0].shape[2]:
             raise ValueError(f"`counts` has {arr.shape[2]} neurons; the model was fitted on "
                              f"{self._train[0].shape[2]}.")
