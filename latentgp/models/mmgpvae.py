@@ -254,8 +254,9 @@ class MultimodalGPVAE(Model):
         fit is seed-sensitive (a poor start can end in a poor local optimum); restarts trade time for it.
         ``max_grad_norm`` (default 100; None = no clipping): clip Adam's gradient norm and skip non-finite steps
         (:func:`latentgp.fit.optimize`): without it a rare exploding minibatch can send the encoder to NaN.
-        ``final_lr``: the last fifth of ``steps`` runs as a second Adam phase at this learning rate (e.g. lr / 10):
-        with single-sample stochastic gradients a constant lr keeps the parameters jittering around an optimum.
+        ``final_lr``: the last fifth of ``steps`` (``steps // 5``: none below 5 steps) runs as a second Adam phase
+        at this learning rate (e.g. lr / 10; it runs even if ``tol`` stopped the first phase early): with
+        single-sample stochastic gradients a constant lr keeps the parameters jittering around an optimum.
         ``spike_warmup`` (default ``steps // 5``): every fresh initialisation first trains the spike pathway alone
         (spike encoder, readout, kernel) for that many steps on the spikes-only ELBO, then the full model. The
         behaviour term is usually far larger (hundreds of pixels per bin against tens of neurons) and from a random
