@@ -134,7 +134,7 @@ def test_gpvae_dispatch_same_kl():
     """The model's ELBO KL term is the same number on the dense (short) and the Kalman path."""
     rng = np.random.default_rng(0)
     Y = rng.standard_normal((3, 30, 4))
-    fast = GPVAE(2, hidden=8).fit(Y, steps=0, progress=False, seed=0)
+    fast = GPVAE(2, hidden=8, dense_max=128).fit(Y, steps=0, progress=False, seed=0)
     assert isinstance(gp_prior(fast.net.kernel, fast._times, fast.config["dense_max"]), DensePrior)
     slow = GPVAE(2, hidden=8, dense_max=0).fit(Y, steps=0, progress=False, seed=0)
     y = fast._train

@@ -127,7 +127,7 @@ def test_unknown_method_raises_before_state_changes(data):
 
 def test_model_rebuilds_prior_after_kernel_change(data):
     """The guide hands its prior to the next model call only while the kernel is unchanged."""
-    m = GPVAE(2, hidden=16).fit(data[1], steps=0, seed=0)
+    m = GPVAE(2, hidden=16, dense_max=128).fit(data[1], steps=0, seed=0)  # the dense prior shows K directly
     with pyro.get_param_store().scope():
         torch.manual_seed(2)
         guide = pyro.poutine.trace(m.pyro_guide).get_trace()

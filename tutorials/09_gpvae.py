@@ -13,9 +13,8 @@
 #
 # A GP-VAE is a variational autoencoder whose latent trajectories z(t) have a Gaussian-process prior
 # over time. `latentgp.GPVAE` amortises inference with an encoder that outputs Gaussian *sites* per
-# time step; the posterior is prior × sites, computed exactly -- with dense T × T matrices for short
-# sequences (`dense_max`, default 128 steps: a few large batched calls) and by one O(T) Kalman smoothing
-# pass for longer ones -- so the KL term of the ELBO is exact and only the decoder's expected
+# time step; the posterior is prior × sites, computed exactly by one O(T) Kalman smoothing pass (compiled,
+# with a hand-written gradient) -- so the KL term of the ELBO is exact and only the decoder's expected
 # log-likelihood is sampled.
 #
 # `latentgp.MultimodalGPVAE` (MM-GPVAE, Gondur et al. 2024) shares latents between spike counts

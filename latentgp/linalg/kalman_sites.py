@@ -13,8 +13,10 @@ backwards, which is most of a step. Here the textbook recursions run compiled pe
 * backward: the same operations in reverse order, each replaced by its vector-Jacobian product (derived
   line by line below; checked against autograd through a dense GP in the tests).
 
-O(T s³) per chain in both directions, no Python loop. Prior path draws x_t = A_t x_{t-1} + G_t ε_t (for
-Matheron's rule) get the same treatment (:func:`prior_draws`). Only scalar sites with 0 < r < ∞ and a
+O(T s³) per chain in both directions, no Python loop. Arrays are laid out chain-last, (..., C) with C =
+sequences x latents, so every elementary operation is a loop over all chains at once (vectorised by the
+compiler; the s x s loops are tiny). Prior path draws x_t = A_t x_{t-1} + G_t ε_t (for Matheron's rule) get
+the same treatment (:func:`prior_draws`). Only scalar sites with 0 < r < ∞ and a
 constant observation row h; :mod:`latentgp.variational.amortised` falls back to the scans otherwise, and
 when a predictive covariance is not numerically positive definite (the scans' jitter policy handles it).
 """
@@ -25,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from .kalman_compiled import cho_solve, cholesky, jit
+from .kalman_compiled import jit
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -34,395 +36,423 @@ class NotPositiveDefinite(np.linalg.LinAlgError):
     """A predictive covariance of the compiled recursion is not positive definite (callers fall back)."""
 
 
+# ------------------------------------------------------------------------------- small chain-last kernels
+@jit
+def _mm(X, Y, out, xt, yt, alpha=1.0, beta=0.0):  # pragma: no cover - compiled
+    """out[:, :, c] = beta out[:, :, c] + alpha X' Y' for every chain c (' = transposed if the flag is set).
+    Direct indexing only: slices inside these loops would create (reference-counted) views."""
+    s, C = out.shape[0], out.shape[2]
+    for i in range(s):
+        for j in range(s):
+            for c in range(C):
+                out[i, j, c] = beta * out[i, j, c] if beta != 0.0 else 0.0
+    for i in range(s):
+        for j in range(s):
+            for q in range(s):
+                if xt and yt:
+                    for c in range(C):
+                        out[i, j, c] += alpha * X[q, i, c] * Y[j, q, c]
+                elif xt:
+                    for c in range(C):
+                        out[i, j, c] += alpha * X[q, i, c] * Y[q, j, c]
+                elif yt:
+                    for c in range(C):
+                        out[i, j, c] += alpha * X[i, q, c] * Y[j, q, c]
+                else:
+                    for c in range(C):
+                        out[i, j, c] += alpha * X[i, q, c] * Y[q, j, c]
+
+
+@jit
+def _acc(out, X, alpha):  # pragma: no cover - compiled; out += alpha X for (rows, cols, C) arrays
+    # explicit loops: numba's in-place array expressions allocate a temporary (~100 ns each)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            for c in range(out.shape[2]):
+                out[i, j, c] += alpha * X[i, j, c]
+
+
+@jit
+def _inverse(P, W, Lc, B):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, c]^{-1}; False if not PD
+    s, C = P.shape[0], P.shape[2]
+    if s == 1:
+        for c in range(C):
+            if not P[0, 0, c] > 0.0:
+                return False
+            W[0, 0, c] = 1.0 / P[0, 0, c]
+        return True
+    if s == 2:  # closed form; positive definite iff P00 > 0 and det > 0 (relative to P00 P11)
+        for c in range(C):
+            a, b, d = P[0, 0, c], 0.5 * (P[0, 1, c] + P[1, 0, c]), P[1, 1, c]
+            det = a * d - b * b
+            if not (a > 0.0 and det > 1e-14 * a * d):
+                return False
+            W[0, 0, c] = d / det
+            W[1, 1, c] = a / det
+            W[0, 1, c] = W[1, 0, c] = -b / det
+        return True
+    for c in range(C):  # Cholesky, then solve Lc Lcᵀ w = e_k column by column
+        for j in range(s):
+            d = P[j, j, c]
+            for q in range(j):
+                d -= Lc[j, q] * Lc[j, q]
+            if not d > 0.0:
+                return False
+            Lc[j, j] = math.sqrt(d)
+            for i in range(j + 1, s):
+                acc = P[i, j, c]
+                for q in range(j):
+                    acc -= Lc[i, q] * Lc[j, q]
+                Lc[i, j] = acc / Lc[j, j]
+        for k in range(s):
+            for i in range(s):
+                acc = 1.0 if i == k else 0.0
+                for q in range(i):
+                    acc -= Lc[i, q] * B[q]
+                B[i] = acc / Lc[i, i]
+            for i in range(s - 1, -1, -1):
+                acc = B[i]
+                for q in range(i + 1, s):
+                    acc -= Lc[q, i] * B[q]
+                B[i] = acc / Lc[i, i]
+            for i in range(s):
+                W[i, k, c] = B[i]
+    return True
+
+
 # ----------------------------------------------------------------------------------------------- forward
 @jit
-def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, ms, Ps, ll):  # pragma: no cover - compiled
-    """Filter + RTS for every chain (b, l). A, Q: (L, T_A, s, s), T_A in {1, T}; P0 (L, s, s); h (s,);
-    D (n, B, L, T) data (log Z is that of D[0]); r (B, L, T). Writes the filter's predicted / filtered
-    moments, the inverse predictive covariances W (for the gains), the smoothed moments and log Z (B, L).
+def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll):  # pragma: no cover - compiled
+    """Filter + RTS for C chains. A, Q: (T_A, s, s, C), T_A in {1, T} (index 0 of a length-T axis unused);
+    P0 (s, s, C); h (s,); D (n, T, C) data (log Z is that of D[0]); r (T, C). Writes the filter's predicted /
+    filtered moments, the inverse predictive covariances W and gains J, the smoothed moments and log Z (C,).
     Returns 1 if a predictive covariance is not positive definite."""
-    n, B, L, T = D.shape
+    n, T, C = D.shape
     s = h.shape[0]
-    c = np.empty(s)
-    AP = np.empty((s, s))
+    TA = A.shape[0]
+    cv = np.empty((s, C))
+    S = np.empty(C)
+    e = np.empty(C)
+    AP = np.empty((s, s, C))
+    M = np.empty((s, s, C))
+    Dl = np.empty((s, s, C))
     Lc = np.empty((s, s))
-    J = np.empty((s, s))
-    M = np.empty((s, s))
-    for b in range(B):
-        for l in range(L):
-            total = 0.0
-            for t in range(T):
-                if t == 0:
-                    for i in range(s):
-                        for k in range(n):
-                            mp[k, b, l, 0, i] = 0.0
-                        for j in range(s):
-                            Pp[b, l, 0, i, j] = P0[l, i, j]
-                else:
-                    At = A[l, min(t, A.shape[1] - 1)]
-                    Qt = Q[l, min(t, Q.shape[1] - 1)]
-                    for k in range(n):
-                        for i in range(s):
-                            acc = 0.0
-                            for j in range(s):
-                                acc += At[i, j] * mf[k, b, l, t - 1, j]
-                            mp[k, b, l, t, i] = acc
-                    for i in range(s):
-                        for j in range(s):
-                            acc = 0.0
-                            for q in range(s):
-                                acc += At[i, q] * Pf[b, l, t - 1, q, j]
-                            AP[i, j] = acc
-                    for i in range(s):
-                        for j in range(s):
-                            acc = Qt[i, j]
-                            for q in range(s):
-                                acc += AP[i, q] * At[j, q]
-                            Pp[b, l, t, i, j] = acc
+    Bv = np.empty(s)
+    ll[:] = 0.0
+    for t in range(T):
+        if t == 0:
+            mp[:, 0] = 0.0
+            Pp[0] = P0
+        else:
+            At = A[min(t, TA - 1)]
+            for k in range(n):
                 for i in range(s):
-                    acc = 0.0
+                    o = mp[k, t, i]
+                    o[:] = 0.0
                     for j in range(s):
-                        acc += Pp[b, l, t, i, j] * h[j]
-                    c[i] = acc
-                S = r[b, l, t]
-                for i in range(s):
-                    S += h[i] * c[i]
-                for k in range(n):
-                    e = D[k, b, l, t]
-                    for i in range(s):
-                        e -= h[i] * mp[k, b, l, t, i]
-                    for i in range(s):
-                        mf[k, b, l, t, i] = mp[k, b, l, t, i] + c[i] * e / S
-                    if k == 0:
-                        total -= 0.5 * (LOG2PI + math.log(S) + e * e / S)
-                for i in range(s):
-                    for j in range(s):
-                        Pf[b, l, t, i, j] = Pp[b, l, t, i, j] - c[i] * c[j] / S
-            ll[b, l] = total
-            # Rauch-Tung-Striebel
+                        a = At[i, j]
+                        x = mf[k, t - 1, j]
+                        for c in range(C):
+                            o[c] += a[c] * x[c]
+            _mm(At, Pf[t - 1], AP, False, False)
+            _mm(AP, At, Pp[t], False, True)
+            _acc(Pp[t], Q[min(t, Q.shape[0] - 1)], 1.0)
+        P = Pp[t]
+        S[:] = r[t]
+        for i in range(s):
+            o = cv[i]
+            o[:] = 0.0
+            for j in range(s):
+                hj = h[j]
+                x = P[i, j]
+                for c in range(C):
+                    o[c] += x[c] * hj
+            hi = h[i]
+            for c in range(C):
+                S[c] += hi * o[c]
+        for k in range(n):
+            d = D[k, t]
+            for c in range(C):
+                e[c] = d[c]
             for i in range(s):
-                for k in range(n):
-                    ms[k, b, l, T - 1, i] = mf[k, b, l, T - 1, i]
+                hi = h[i]
+                x = mp[k, t, i]
+                for c in range(C):
+                    e[c] -= hi * x[c]
+            for i in range(s):
+                o = mf[k, t, i]
+                x = mp[k, t, i]
+                ci = cv[i]
+                for c in range(C):
+                    o[c] = x[c] + ci[c] * e[c] / S[c]
+            if k == 0:
+                for c in range(C):
+                    ll[c] -= 0.5 * (LOG2PI + math.log(S[c]) + e[c] * e[c] / S[c])
+        for i in range(s):
+            for j in range(s):
+                o = Pf[t, i, j]
+                x = P[i, j]
+                ci, cj = cv[i], cv[j]
+                for c in range(C):
+                    o[c] = x[c] - ci[c] * cj[c] / S[c]
+    # Rauch-Tung-Striebel
+    ms[:, T - 1] = mf[:, T - 1]
+    Ps[T - 1] = Pf[T - 1]
+    for t in range(T - 2, -1, -1):
+        if not _inverse(Pp[t + 1], W[t + 1], Lc, Bv):
+            return 1
+        _mm(Pf[t], A[min(t + 1, TA - 1)], AP, False, True)
+        _mm(AP, W[t + 1], J[t], False, False)
+        Jt = J[t]
+        for k in range(n):
+            for i in range(s):
+                o = ms[k, t, i]
+                o[:] = mf[k, t, i]
                 for j in range(s):
-                    Ps[b, l, T - 1, i, j] = Pf[b, l, T - 1, i, j]
-            for t in range(T - 2, -1, -1):
-                An = A[l, min(t + 1, A.shape[1] - 1)]
-                if not cholesky(Pp[b, l, t + 1], Lc):
-                    return 1
-                Wt = W[b, l, t + 1]
-                for i in range(s):
-                    for j in range(s):
-                        Wt[i, j] = 1.0 if i == j else 0.0
-                cho_solve(Lc, Wt)
-                for i in range(s):  # AP = Pf_t A_{t+1}^T
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += Pf[b, l, t, i, q] * An[j, q]
-                        AP[i, j] = acc
-                for i in range(s):  # J = AP W
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += AP[i, q] * Wt[q, j]
-                        J[i, j] = acc
-                for k in range(n):
-                    for i in range(s):
-                        acc = mf[k, b, l, t, i]
-                        for j in range(s):
-                            acc += J[i, j] * (ms[k, b, l, t + 1, j] - mp[k, b, l, t + 1, j])
-                        ms[k, b, l, t, i] = acc
-                for i in range(s):  # M = J (Ps_{t+1} - Pp_{t+1})
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += J[i, q] * (Ps[b, l, t + 1, q, j] - Pp[b, l, t + 1, q, j])
-                        M[i, j] = acc
-                for i in range(s):
-                    for j in range(s):
-                        acc = Pf[b, l, t, i, j]
-                        for q in range(s):
-                            acc += M[i, q] * J[j, q]
-                        Ps[b, l, t, i, j] = acc
+                    a = Jt[i, j]
+                    x, y = ms[k, t + 1, j], mp[k, t + 1, j]
+                    for c in range(C):
+                        o[c] += a[c] * (x[c] - y[c])
+        for i in range(s):
+            for j in range(s):
+                o, x, y = Dl[i, j], Ps[t + 1, i, j], Pp[t + 1, i, j]
+                for c in range(C):
+                    o[c] = x[c] - y[c]
+        _mm(Jt, Dl, M, False, False)
+        _mm(M, Jt, Ps[t], False, True)
+        _acc(Ps[t], Pf[t], 1.0)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- backward
 @jit
-def _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, ms, Ps, g_mean, g_var, g_ll,
+def _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_mean, g_var, g_ll,
               gA, gQ, gP0, gD, gr):  # pragma: no cover - compiled
-    """Vector-Jacobian product of :func:`_forward`'s outputs (h·m^s for every data column, h P^s hᵀ, log Z)
-    with cotangents g_mean (n, B, L, T), g_var (B, L, T), g_ll (B, L). Accumulates into gA, gQ (shapes of
-    A, Q), gP0 and writes gD, gr. Adjoints are written for the operations exactly as :func:`_forward`
-    performs them (no symmetry assumed), in reverse order."""
-    n, B, L, T = D.shape
+    """Vector-Jacobian product of :func:`_forward`'s outputs (h·m^s for every data column (n, T, C),
+    h P^s hᵀ (T, C), log Z (C,)) with cotangents g_mean, g_var, g_ll. Accumulates into gA, gQ (shapes of A,
+    Q), gP0 and writes gD, gr. Adjoints are written for the operations exactly as :func:`_forward` performs
+    them (no symmetry assumed), in reverse order; a bar (x̄) is the adjoint of x."""
+    n, T, C = D.shape
     s = h.shape[0]
-    bms = np.empty((n, T, s))  # adjoints of m^s, P^s, m (filtered), P, m⁻, P⁻ for one chain
-    bPs = np.empty((T, s, s))
-    bmf = np.zeros((n, T, s))
-    bPf = np.zeros((T, s, s))
-    bmp = np.zeros((n, T, s))
-    bPp = np.zeros((T, s, s))
-    c = np.empty(s)
-    bc = np.empty(s)
-    e = np.empty(n)
-    be = np.empty(n)
-    AP = np.empty((s, s))
-    J = np.empty((s, s))
-    bJ = np.empty((s, s))
-    X = np.empty((s, s))
-    Y = np.empty((s, s))
-    for b in range(B):
-        for l in range(L):
-            bmf[:] = 0.0
-            bPf[:] = 0.0
-            bmp[:] = 0.0
-            bPp[:] = 0.0
-            for t in range(T):
-                for i in range(s):
-                    for k in range(n):
-                        bms[k, t, i] = h[i] * g_mean[k, b, l, t]
-                    for j in range(s):
-                        bPs[t, i, j] = g_var[b, l, t] * h[i] * h[j]
-            # ---- RTS in reverse (forward ran t = T-2 .. 0)
-            for t in range(T - 1):
-                An = A[l, min(t + 1, A.shape[1] - 1)]
-                Wt = W[b, l, t + 1]
-                for i in range(s):
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += Pf[b, l, t, i, q] * An[j, q]
-                        AP[i, j] = acc
-                for i in range(s):
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += AP[i, q] * Wt[q, j]
-                        J[i, j] = acc
-                # m^s_t = m_t + J (m^s_{t+1} - m⁻_{t+1})
-                for i in range(s):
-                    for j in range(s):
-                        bJ[i, j] = 0.0
+    TA = A.shape[0]
+    bms = np.empty((n, T, s, C))
+    bPs = np.empty((T, s, s, C))
+    bmf = np.zeros((n, T, s, C))
+    bPf = np.zeros((T, s, s, C))
+    bmp = np.zeros((n, T, s, C))
+    bPp = np.zeros((T, s, s, C))
+    cv = np.empty((s, C))
+    bc = np.empty((s, C))
+    S = np.empty(C)
+    bS = np.empty(C)
+    e = np.empty((n, C))
+    be = np.empty((n, C))
+    AP = np.empty((s, s, C))
+    bJ = np.empty((s, s, C))
+    X = np.empty((s, s, C))
+    Y = np.empty((s, s, C))
+    Dl = np.empty((s, s, C))
+    for t in range(T):
+        for i in range(s):
+            for c in range(C):
                 for k in range(n):
-                    for i in range(s):
-                        bmf[k, t, i] += bms[k, t, i]
-                        for j in range(s):
-                            bJ[i, j] += bms[k, t, i] * (ms[k, b, l, t + 1, j] - mp[k, b, l, t + 1, j])
-                    for j in range(s):
-                        acc = 0.0
-                        for i in range(s):
-                            acc += J[i, j] * bms[k, t, i]
-                        bms[k, t + 1, j] += acc
-                        bmp[k, t + 1, j] -= acc
-                # P^s_t = P_t + J Δ Jᵀ, Δ = P^s_{t+1} - P⁻_{t+1}: J̄ += (Ȳ + Ȳᵀ) J Δ... written for the literal
-                # products M = J Δ, Y = M Jᵀ: M̄ = Ȳ J, J̄ += Ȳᵀ M + M̄ Δᵀ, Δ̄ = Jᵀ M̄
-                for i in range(s):
-                    for j in range(s):
-                        bPf[t, i, j] += bPs[t, i, j]
-                for i in range(s):  # X = M̄ = Ȳ J
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += bPs[t, i, q] * J[q, j]
-                        X[i, j] = acc
-                for i in range(s):  # Y = M = J Δ
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += J[i, q] * (Ps[b, l, t + 1, q, j] - Pp[b, l, t + 1, q, j])
-                        Y[i, j] = acc
-                for i in range(s):
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += bPs[t, q, i] * Y[q, j]  # Ȳᵀ M
-                            acc += X[i, q] * (Ps[b, l, t + 1, j, q] - Pp[b, l, t + 1, j, q])  # M̄ Δᵀ
-                        bJ[i, j] += acc
-                for i in range(s):  # Δ̄ = Jᵀ M̄
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += J[q, i] * X[q, j]
-                        bPs[t + 1, i, j] += acc
-                        bPp[t + 1, i, j] -= acc
-                # J = (P_t A_{t+1}ᵀ) W: P̄_t += J̄ Wᵀ A, Ā += Wᵀ... (from AP̄ = J̄ Wᵀ), W̄ = APᵀ J̄, P̄⁻ -= Wᵀ W̄ Wᵀ
-                for i in range(s):  # X = AP̄ = J̄ Wᵀ
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += bJ[i, q] * Wt[j, q]
-                        X[i, j] = acc
-                gAn = gA[l, min(t + 1, gA.shape[1] - 1)]
-                for i in range(s):  # AP = Pf Aᵀ: P̄f += AP̄ A, Ā += AP̄ᵀ Pf
-                    for j in range(s):
-                        acc = 0.0
-                        acc2 = 0.0
-                        for q in range(s):
-                            acc += X[i, q] * An[q, j]
-                            acc2 += X[q, i] * Pf[b, l, t, q, j]
-                        bPf[t, i, j] += acc
-                        gAn[i, j] += acc2
-                for i in range(s):  # Y = W̄ = APᵀ J̄
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += AP[q, i] * bJ[q, j]
-                        Y[i, j] = acc
-                for i in range(s):  # X = Wᵀ W̄
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += Wt[q, i] * Y[q, j]
-                        X[i, j] = acc
-                for i in range(s):  # P̄⁻ -= X Wᵀ
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += X[i, q] * Wt[j, q]
-                        bPp[t + 1, i, j] -= acc
-            for i in range(s):  # m^s_{T-1} = m_{T-1}, P^s_{T-1} = P_{T-1}
-                for k in range(n):
-                    bmf[k, T - 1, i] += bms[k, T - 1, i]
+                    bms[k, t, i, c] = h[i] * g_mean[k, t, c]
                 for j in range(s):
-                    bPf[T - 1, i, j] += bPs[T - 1, i, j]
-            # ---- filter in reverse
-            for t in range(T - 1, -1, -1):
+                    bPs[t, i, j, c] = h[i] * h[j] * g_var[t, c]
+    # ---- RTS in reverse (the forward ran t = T-2 .. 0)
+    for t in range(T - 1):
+        An = A[min(t + 1, TA - 1)]
+        Wt, Jt = W[t + 1], J[t]
+        # m^s_t = m_t + J (m^s_{t+1} - m⁻_{t+1})
+        bJ[:] = 0.0
+        for k in range(n):
+            _acc(bmf[k, t:t + 1], bms[k, t:t + 1], 1.0)
+            for i in range(s):
+                g = bms[k, t, i]
+                for j in range(s):
+                    o, x, y = bJ[i, j], ms[k, t + 1, j], mp[k, t + 1, j]
+                    for c in range(C):
+                        o[c] += g[c] * (x[c] - y[c])
+            for j in range(s):
+                o1, o2 = bms[k, t + 1, j], bmp[k, t + 1, j]
                 for i in range(s):
-                    acc = 0.0
-                    for j in range(s):
-                        acc += Pp[b, l, t, i, j] * h[j]
-                    c[i] = acc
-                S = r[b, l, t]
-                for i in range(s):
-                    S += h[i] * c[i]
-                for k in range(n):
-                    acc = D[k, b, l, t]
-                    for i in range(s):
-                        acc -= h[i] * mp[k, b, l, t, i]
-                    e[k] = acc
-                # P = P⁻ - c cᵀ / S
-                bS = 0.0
-                for i in range(s):
-                    acc = 0.0
-                    for j in range(s):
-                        bPp[t, i, j] += bPf[t, i, j]
-                        acc -= (bPf[t, i, j] + bPf[t, j, i]) * c[j]
-                        bS += bPf[t, i, j] * c[i] * c[j]
-                    bc[i] = acc / S
-                bS /= S * S
-                # m = m⁻ + c e / S
-                for k in range(n):
-                    cm = 0.0
-                    for i in range(s):
-                        bmp[k, t, i] += bmf[k, t, i]
-                        bc[i] += bmf[k, t, i] * e[k] / S
-                        cm += c[i] * bmf[k, t, i]
-                    be[k] = cm / S
-                    bS -= cm * e[k] / (S * S)
-                # log Z term of D[0]
-                gl = g_ll[b, l]
-                bS += gl * (-0.5 / S + 0.5 * e[0] * e[0] / (S * S))
-                be[0] -= gl * e[0] / S
-                # e = D - h·m⁻
-                for k in range(n):
-                    gD[k, b, l, t] = be[k]
-                    for i in range(s):
-                        bmp[k, t, i] -= h[i] * be[k]
-                # S = h·c + r, c = P⁻ h
-                gr[b, l, t] = bS
-                for i in range(s):
-                    bc[i] += bS * h[i]
-                for i in range(s):
-                    for j in range(s):
-                        bPp[t, i, j] += bc[i] * h[j]
-                if t == 0:
-                    for i in range(s):
-                        for j in range(s):
-                            gP0[l, i, j] += bPp[0, i, j]
-                    continue
-                At = A[l, min(t, A.shape[1] - 1)]
-                gAt = gA[l, min(t, gA.shape[1] - 1)]
-                gQt = gQ[l, min(t, gQ.shape[1] - 1)]
-                # m⁻ = A m_{t-1}
-                for k in range(n):
-                    for i in range(s):
-                        for j in range(s):
-                            gAt[i, j] += bmp[k, t, i] * mf[k, b, l, t - 1, j]
-                            bmf[k, t - 1, j] += At[i, j] * bmp[k, t, i]
-                # P⁻ = (A P_{t-1}) Aᵀ + Q with AP = A P_{t-1}: ĀP = P̄⁻ A, Ā += P̄⁻ᵀ AP + ĀP P_{t-1}ᵀ,
-                # P̄_{t-1} += Aᵀ ĀP
-                for i in range(s):
-                    for j in range(s):
-                        acc = 0.0
-                        for q in range(s):
-                            acc += At[i, q] * Pf[b, l, t - 1, q, j]
-                        AP[i, j] = acc
-                for i in range(s):
-                    for j in range(s):
-                        gQt[i, j] += bPp[t, i, j]
-                        acc = 0.0
-                        for q in range(s):
-                            acc += bPp[t, i, q] * At[q, j]
-                        X[i, j] = acc  # ĀP
-                for i in range(s):
-                    for j in range(s):
-                        acc = 0.0
-                        acc2 = 0.0
-                        for q in range(s):
-                            acc += bPp[t, q, i] * AP[q, j] + X[i, q] * Pf[b, l, t - 1, j, q]
-                            acc2 += At[q, i] * X[q, j]
-                        gAt[i, j] += acc
-                        bPf[t - 1, i, j] += acc2
+                    a, g = Jt[i, j], bms[k, t, i]
+                    for c in range(C):
+                        v = a[c] * g[c]
+                        o1[c] += v
+                        o2[c] -= v
+        # P^s_t = P_t + M Jᵀ, M = J Δ, Δ = P^s_{t+1} - P⁻_{t+1}:
+        # M̄ = P̄^s_t J, J̄ += P̄^s_tᵀ M + M̄ Δᵀ, Δ̄ = Jᵀ M̄
+        _acc(bPf[t], bPs[t], 1.0)
+        for i in range(s):
+            for j in range(s):
+                o, x, y = Dl[i, j], Ps[t + 1, i, j], Pp[t + 1, i, j]
+                for c in range(C):
+                    o[c] = x[c] - y[c]
+        _mm(bPs[t], Jt, X, False, False)  # M̄
+        _mm(Jt, Dl, Y, False, False)  # M
+        _mm(bPs[t], Y, bJ, True, False, 1.0, 1.0)
+        _mm(X, Dl, bJ, False, True, 1.0, 1.0)
+        _mm(Jt, X, AP, True, False)  # Δ̄
+        _acc(bPs[t + 1], AP, 1.0)
+        _acc(bPp[t + 1], AP, -1.0)
+        # J = K W with K = P_t A_{t+1}ᵀ: K̄ = J̄ Wᵀ, W̄ = Kᵀ J̄; P̄_t += K̄ A, Ā += K̄ᵀ P_t; P̄⁻ -= Wᵀ W̄ Wᵀ
+        _mm(bJ, Wt, X, False, True)  # K̄
+        _mm(X, An, bPf[t], False, False, 1.0, 1.0)
+        _mm(X, Pf[t], gA[min(t + 1, TA - 1)], True, False, 1.0, 1.0)
+        _mm(Pf[t], An, X, False, True)  # K
+        _mm(X, bJ, Y, True, False)  # W̄
+        _mm(Wt, Y, X, True, False)
+        _mm(X, Wt, bPp[t + 1], False, True, -1.0, 1.0)
+    _acc(bmf[:, T - 1], bms[:, T - 1], 1.0)  # m^s_{T-1} = m_{T-1}, P^s_{T-1} = P_{T-1}
+    _acc(bPf[T - 1], bPs[T - 1], 1.0)
+    # ---- filter in reverse
+    for t in range(T - 1, -1, -1):
+        P = Pp[t]
+        S[:] = r[t]
+        for i in range(s):
+            o = cv[i]
+            o[:] = 0.0
+            for j in range(s):
+                hj = h[j]
+                x = P[i, j]
+                for c in range(C):
+                    o[c] += x[c] * hj
+            hi = h[i]
+            for c in range(C):
+                S[c] += hi * o[c]
+        for k in range(n):
+            e[k] = D[k, t]
+            for i in range(s):
+                hi = h[i]
+                x = mp[k, t, i]
+                for c in range(C):
+                    e[k, c] -= hi * x[c]
+        # P = P⁻ - c cᵀ / S
+        _acc(bPp[t], bPf[t], 1.0)
+        bS[:] = 0.0
+        bc[:] = 0.0
+        for i in range(s):
+            for j in range(s):
+                g, gt, cj, ci = bPf[t, i, j], bPf[t, j, i], cv[j], cv[i]
+                o = bc[i]
+                for c in range(C):
+                    o[c] -= (g[c] + gt[c]) * cj[c] / S[c]
+                    bS[c] += g[c] * ci[c] * cj[c] / (S[c] * S[c])
+        # m = m⁻ + c e / S
+        for k in range(n):
+            _acc(bmp[k, t:t + 1], bmf[k, t:t + 1], 1.0)
+            be[k] = 0.0
+            for i in range(s):
+                g, ci, o = bmf[k, t, i], cv[i], bc[i]
+                ek, bek = e[k], be[k]
+                for c in range(C):
+                    o[c] += g[c] * ek[c] / S[c]
+                    bek[c] += ci[c] * g[c] / S[c]
+            for c in range(C):
+                bS[c] -= be[k, c] * e[k, c] / S[c]
+        # log Z term of D[0]
+        for c in range(C):
+            bS[c] += g_ll[c] * (-0.5 / S[c] + 0.5 * e[0, c] * e[0, c] / (S[c] * S[c]))
+            be[0, c] -= g_ll[c] * e[0, c] / S[c]
+        # e = D - h·m⁻
+        for k in range(n):
+            gD[k, t] = be[k]
+            for i in range(s):
+                hi = h[i]
+                o, g = bmp[k, t, i], be[k]
+                for c in range(C):
+                    o[c] -= hi * g[c]
+        # S = h·c + r, c = P⁻ h
+        gr[t] = bS
+        for i in range(s):
+            hi = h[i]
+            o = bc[i]
+            for c in range(C):
+                o[c] += bS[c] * hi
+            for j in range(s):
+                hj = h[j]
+                o2 = bPp[t, i, j]
+                for c in range(C):
+                    o2[c] += o[c] * hj
+        if t == 0:
+            _acc(gP0, bPp[0], 1.0)
+            continue
+        At = A[min(t, TA - 1)]
+        gAt = gA[min(t, TA - 1)]
+        # m⁻ = A m_{t-1}
+        for k in range(n):
+            for i in range(s):
+                g = bmp[k, t, i]
+                for j in range(s):
+                    o, x, a, o2 = gAt[i, j], mf[k, t - 1, j], At[i, j], bmf[k, t - 1, j]
+                    for c in range(C):
+                        o[c] += g[c] * x[c]
+                        o2[c] += a[c] * g[c]
+        # P⁻ = (A P_{t-1}) Aᵀ + Q: K̄ = P̄⁻ A for K = A P_{t-1}; Ā += P̄⁻ᵀ K + K̄ P_{t-1}ᵀ; P̄_{t-1} += Aᵀ K̄
+        _acc(gQ[min(t, gQ.shape[0] - 1)], bPp[t], 1.0)
+        _mm(At, Pf[t - 1], X, False, False)  # K
+        _mm(bPp[t], X, gAt, True, False, 1.0, 1.0)
+        _mm(bPp[t], At, Y, False, False)  # K̄
+        _mm(Y, Pf[t - 1], gAt, False, True, 1.0, 1.0)
+        _mm(At, Y, bPf[t - 1], True, False, 1.0, 1.0)
     return 0
 
 
 # ------------------------------------------------------------------------------------------- prior draws
 @jit
-def _draw(A, G, eps, h, x, f):  # pragma: no cover - compiled
-    """x_0 = G_0 ε_0, x_t = A_t x_{t-1} + G_t ε_t; f = h·x. A (L, T_A, s, s), G (L, T, s, s), eps (m, L, T, s)."""
-    m, L, T, s = eps.shape
-    for a in range(m):
-        for l in range(L):
-            for t in range(T):
-                Gt = G[l, t]
-                At = A[l, min(t, A.shape[1] - 1)]
-                acc_f = 0.0
-                for i in range(s):
-                    acc = 0.0
-                    for j in range(s):
-                        acc += Gt[i, j] * eps[a, l, t, j]
-                        if t > 0:
-                            acc += At[i, j] * x[a, l, t - 1, j]
-                    x[a, l, t, i] = acc
-                    acc_f += h[i] * acc
-                f[a, l, t] = acc_f
+def _draw(A, G0, G, eps, h, x, f):  # pragma: no cover - compiled
+    """x_0 = G0 ε_0, x_t = A_t x_{t-1} + G_t ε_t; f = h·x. A, G (T_A, s, s, C), G0 (s, s, C), eps (T, s, C)."""
+    T, s, C = eps.shape
+    TA = A.shape[0]
+    for t in range(T):
+        Gt = G0 if t == 0 else G[min(t, G.shape[0] - 1)]
+        At = A[min(t, TA - 1)]
+        f[t] = 0.0
+        for i in range(s):
+            o = x[t, i]
+            o[:] = 0.0
+            for j in range(s):
+                g, ep = Gt[i, j], eps[t, j]
+                for c in range(C):
+                    o[c] += g[c] * ep[c]
+                if t > 0:
+                    a, xp = At[i, j], x[t - 1, j]
+                    for c in range(C):
+                        o[c] += a[c] * xp[c]
+            hi = h[i]
+            ft = f[t]
+            for c in range(C):
+                ft[c] += hi * o[c]
 
 
 @jit
-def _draw_backward(A, G, eps, h, x, g_f, gA, gG):  # pragma: no cover - compiled
-    m, L, T, s = eps.shape
-    bx = np.empty(s)
-    nxt = np.empty(s)
-    for a in range(m):
-        for l in range(L):
-            nxt[:] = 0.0  # Aᵀ x̄ carried from step t + 1
-            for t in range(T - 1, -1, -1):
-                for i in range(s):
-                    bx[i] = h[i] * g_f[a, l, t] + nxt[i]
-                Gt = gG[l, t]
-                for i in range(s):
-                    for j in range(s):
-                        Gt[i, j] += bx[i] * eps[a, l, t, j]
-                if t > 0:
-                    At = A[l, min(t, A.shape[1] - 1)]
-                    gAt = gA[l, min(t, gA.shape[1] - 1)]
-                    for j in range(s):
-                        acc = 0.0
-                        for i in range(s):
-                            gAt[i, j] += bx[i] * x[a, l, t - 1, j]
-                            acc += At[i, j] * bx[i]
-                        nxt[j] = acc
+def _draw_backward(A, G0, G, eps, h, x, g_f, gA, gG0, gG):  # pragma: no cover - compiled
+    T, s, C = eps.shape
+    TA = A.shape[0]
+    bx = np.empty((s, C))
+    nxt = np.zeros((s, C))  # Aᵀ x̄ carried from step t + 1
+    for t in range(T - 1, -1, -1):
+        for i in range(s):
+            for c in range(C):
+                bx[i, c] = h[i] * g_f[t, c] + nxt[i, c]
+        gGt = gG0 if t == 0 else gG[min(t, gG.shape[0] - 1)]
+        for i in range(s):
+            for j in range(s):
+                o, g, ep = gGt[i, j], bx[i], eps[t, j]
+                for c in range(C):
+                    o[c] += g[c] * ep[c]
+        if t > 0:
+            At = A[min(t, TA - 1)]
+            gAt = gA[min(t, TA - 1)]
+            nxt[:] = 0.0
+            for i in range(s):
+                g = bx[i]
+                for j in range(s):
+                    o, xp, a, o2 = gAt[i, j], x[t - 1, j], At[i, j], nxt[j]
+                    for c in range(C):
+                        o[c] += g[c] * xp[c]
+                        o2[c] += a[c] * g[c]
 
 
 # ---------------------------------------------------------------------------------------- torch wrappers
@@ -430,71 +460,103 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
 
 
-class _SiteSmoother(torch.autograd.Function):
+def _to_chains(M: torch.Tensor, copies: int) -> np.ndarray:
+    """Per-latent matrices (L, ..., s, s) -> chain-last (..., s, s, copies·L), chain c = copy·L + l."""
+    M = M.movedim(0, -1)
+    return _np(M.unsqueeze(-2).expand(*M.shape[:-1], copies, M.shape[-1]).reshape(*M.shape[:-1], -1))
+
+
+def _from_chains(g: np.ndarray, L: int, dtype) -> torch.Tensor:
+    """Adjoint of :func:`_to_chains`: (..., s, s, copies·L) -> (L, ..., s, s), summed over the copies."""
+    g = torch.from_numpy(g).to(dtype)
+    return g.reshape(*g.shape[:-1], -1, L).sum(-2).movedim(-1, 0)
+
+
+class _SitePosterior(torch.autograd.Function):
+    """See :func:`site_posterior_and_samples`. Chains c = b·L + l are laid out last; draw a of chain c is
+    chain a·C + c of the prior-draw kernel."""
+
     @staticmethod
-    def forward(ctx, A, Q, P0, h, D, r):
-        a = [_np(x) for x in (A, Q, P0, h, D, r)]
-        n, B, L, T = a[4].shape
-        s = a[3].shape[0]
-        mp, mf, ms = (np.empty((n, B, L, T, s)) for _ in range(3))
-        Pp, Pf, W, Ps = (np.empty((B, L, T, s, s)) for _ in range(4))
-        ll = np.empty((B, L))
-        if _forward(*a, mp, Pp, mf, Pf, W, ms, Ps, ll):
+    def forward(ctx, A, Q, P0, G0, G, h, mean, precision, eps, noise):
+        B, T, L = mean.shape
+        S, C, s = noise.shape[0], B * L, h.shape[0]
+        hv = _np(h)
+        y = _np(mean.transpose(0, 1).reshape(T, C))
+        r = 1.0 / _np(precision.transpose(0, 1).reshape(T, C))
+        chains = [_to_chains(x, B) for x in (A, Q, P0)]
+        draw_chains = [_to_chains(x, S * B) for x in (A, G0, G)]
+        eps_d = np.ascontiguousarray(_np(eps).reshape(T, S, C, s).transpose(0, 3, 1, 2).reshape(T, s, S * C))
+        x, f = np.empty((T, s, S * C)), np.empty((T, S * C))
+        _draw(*draw_chains, eps_d, hv, x, f)
+        f = f.reshape(T, S, C).transpose(1, 0, 2)  # (S, T, C)
+        z = _np(noise).reshape(S, C, T).transpose(0, 2, 1)  # standard normals of the site noise, (S, T, C)
+        root_r = np.sqrt(r)
+        D = np.concatenate((y[None], y - f - root_r * z))  # ỹ, then the Matheron residuals
+        n = S + 1
+        mp, mf, ms = (np.empty((n, T, s, C)) for _ in range(3))
+        Pp, Pf, W, J, Ps = (np.empty((T, s, s, C)) for _ in range(5))
+        ll = np.empty(C)
+        if _forward(*chains, hv, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll):
             raise NotPositiveDefinite("a predictive covariance is not positive definite")
-        ctx.arrays = a + [mp, Pp, mf, Pf, W, ms, Ps]
-        ctx.shapes = (A.shape, Q.shape)
-        hv = a[3]
-        out = [torch.from_numpy(x).to(D.dtype) for x in (ms @ hv, (Ps @ hv) @ hv, ll)]
-        return tuple(out)
+        m = np.einsum("ntic,i->ntc", ms, hv)
+        var = np.einsum("tijc,i,j->tc", Ps, hv, hv)
+        resid = y - m[0]
+        kl = (-0.5 * ((resid ** 2 + var) / r + np.log(r) + LOG2PI)).sum(0) - ll  # (C,)
+        ctx.saved = (chains, draw_chains, hv, D, r, root_r, z, eps_d, x, resid, var,
+                     (mp, Pp, mf, Pf, W, J, ms, Ps))
+        ctx.dims = (B, T, L, S, mean.dtype)
+
+        def out(a, shape, perm):
+            return torch.from_numpy(np.ascontiguousarray(a)).reshape(shape).permute(perm).to(mean.dtype)
+        return (out(m[0], (T, B, L), (1, 0, 2)), out(var, (T, B, L), (1, 0, 2)),
+                torch.from_numpy(kl.reshape(B, L).sum(1)).to(mean.dtype),
+                torch.from_numpy(ll.reshape(B, L).sum(1)).to(mean.dtype),
+                out(f + m[1:], (S, T, B, L), (0, 2, 1, 3)))
 
     @staticmethod
-    def backward(ctx, g_mean, g_var, g_ll):
-        a = ctx.arrays
-        A, Q, P0, h, D, r = a[:6]
-        n, B, L, T = D.shape
-        gm = np.zeros(D.shape) if g_mean is None else _np(g_mean)
-        gv = np.zeros(r.shape) if g_var is None else _np(g_var)
-        gl = np.zeros((B, L)) if g_ll is None else _np(g_ll)
-        gA, gQ, gP0 = np.zeros(A.shape), np.zeros(Q.shape), np.zeros(P0.shape)
+    def backward(ctx, g_mean, g_var, g_kl, g_log_z, g_draws):
+        chains, draw_chains, hv, D, r, root_r, z, eps_d, x, resid, var, state = ctx.saved
+        B, T, L, S, dtype = ctx.dims
+        C = B * L
+
+        def arr(g, shape, perm=None):  # cotangent in chain-last layout (zeros if unused)
+            if g is None:
+                return np.zeros(shape)
+            return _np(g if perm is None else g.permute(perm)).reshape(shape)
+        g_m = arr(g_mean, (T, C), (1, 0, 2))
+        g_v = arr(g_var, (T, C), (1, 0, 2))
+        g_k = np.repeat(arr(g_kl, (B,)), L)
+        g_z = np.repeat(arr(g_log_z, (B,)), L)
+        g_d = arr(g_draws, (S, T, C), (0, 2, 1, 3))
+        # KL = Σ_t -½ [((ỹ - m)² + v)/r + log r + log 2π] - log Z, through m, v and log Z ...
+        g_means = np.concatenate(((g_m + g_k * resid / r)[None], g_d))
+        gA, gQ, gP0 = (np.zeros(a.shape) for a in chains)
         gD, gr = np.empty(D.shape), np.empty(r.shape)
-        _backward(*a, gm, gv, gl, gA, gQ, gP0, gD, gr)
-        dtype = g_ll.dtype if g_ll is not None else torch.float64
-        grads = [torch.from_numpy(x).to(dtype) for x in (gA, gQ, gP0)]
-        return grads[0], grads[1], grads[2], None, torch.from_numpy(gD).to(dtype), torch.from_numpy(gr).to(dtype)
+        _backward(*chains, hv, D, r, *state, g_means, g_v - 0.5 * g_k / r, g_z - g_k, gA, gQ, gP0, gD, gr)
+        # ... and directly; then D = [ỹ, ỹ - f - √r z]
+        g_y = gD.sum(0) - g_k * resid / r
+        gr += g_k * (0.5 * (resid ** 2 + var) / r ** 2 - 0.5 / r) - 0.5 * (gD[1:] * z).sum(0) / root_r
+        g_f = np.ascontiguousarray((g_d - gD[1:]).transpose(1, 0, 2).reshape(T, S * C))
+        gA_d, gG0, gG = (np.zeros(a.shape) for a in draw_chains)
+        _draw_backward(*draw_chains, eps_d, hv, x, g_f, gA_d, gG0, gG)
+
+        def back(g):  # (T, C) -> (B, T, L)
+            return torch.from_numpy(g).to(dtype).reshape(T, B, L).transpose(0, 1)
+        return (_from_chains(gA, L, dtype) + _from_chains(gA_d, L, dtype), _from_chains(gQ, L, dtype),
+                _from_chains(gP0, L, dtype), _from_chains(gG0, L, dtype), _from_chains(gG, L, dtype), None,
+                back(g_y), back(-gr * r * r), None, None)  # r = 1 / precision
 
 
-def site_smoother(A, Q, P0, h, data, r):
-    """Smoothed latent means h·m^s (n, B, L, T) of every data column ``data`` (n, B, L, T), marginal variances
-    h P^s hᵀ (B, L, T) and log Z = log p(data[0]) (B, L), for chains (b, l) with prior A, Q (L, T|1, s, s),
-    P0 (L, s, s), observation row h (s,) (no gradient) and site variances ``r`` (B, L, T). Differentiable in
-    A, Q, P0, data and r by the compiled reverse pass. Raises :class:`NotPositiveDefinite` (a LinAlgError)
-    if a predictive covariance is not positive definite."""
+def site_posterior_and_samples(A, Q, P0, G0, G, h, mean, precision, eps, noise):
+    """Posterior q = prior x sites for every (sequence b, latent l) chain, its KL to the prior and Matheron draws.
+
+    Prior per latent l: A, Q (L, T|1, s, s) (index 0 of a length-T time axis is not used), P0 (L, s, s),
+    factors G0 = chol P0, G = chol Q (like A), observation row h (s,) (no gradient); sites ``mean``,
+    ``precision`` (B, T, L); standard normals ``eps`` (T, S, B, L·s, ...) for the prior path draws and ``noise``
+    (S, B, L, T, ...) for the site noise. Returns posterior means and marginal variances (B, T, L), KL(q ‖ p)
+    and log Z summed over latents (B,), and the draws (S, B, T, L) f_prior + E_smoother[ỹ - f_prior - e],
+    all differentiable in A, Q, P0, G0, G, mean and precision by the compiled reverse pass. Raises
+    :class:`NotPositiveDefinite` (a LinAlgError) if a predictive covariance is not positive definite."""
     if h.requires_grad:
         raise ValueError("`h`: the observation row must not require a gradient.")
-    return _SiteSmoother.apply(A, Q, P0, h, data, r)
-
-
-class _PriorDraws(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, A, G, h, eps):
-        a = [_np(x) for x in (A, G, eps, h)]
-        m, L, T, s = a[2].shape
-        x, f = np.empty((m, L, T, s)), np.empty((m, L, T))
-        _draw(a[0], a[1], a[2], a[3], x, f)
-        ctx.arrays = a + [x]
-        return torch.from_numpy(f).to(eps.dtype)
-
-    @staticmethod
-    def backward(ctx, g_f):
-        A, G, eps, h, x = ctx.arrays
-        gA, gG = np.zeros(A.shape), np.zeros(G.shape)
-        _draw_backward(A, G, eps, h, x, _np(g_f), gA, gG)
-        return torch.from_numpy(gA).to(g_f.dtype), torch.from_numpy(gG).to(g_f.dtype), None, None
-
-
-def prior_draws(A, G, h, eps):
-    """Prior paths f_t = h·x_t, x_0 = G_0 ε_0, x_t = A_t x_{t-1} + G_t ε_t, for ``eps`` (m, L, T, s): (m, L, T).
-    A (L, T|1, s, s), G (L, T, s, s) (G_0 = chol P0, G_t = chol Q_t); differentiable in A and G."""
-    if h.requires_grad:
-        raise ValueError("`h`: the observation row must not require a gradient.")
-    return _PriorDraws.apply(A, G, h, eps)
+    return _SitePosterior.apply(A, Q, P0, G0, G, h, mean, precision, eps, noise)

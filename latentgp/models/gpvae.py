@@ -6,10 +6,11 @@ Poisson (log rate) or Bernoulli (logit) likelihood.
 
 Amortised posterior: an encoder maps the sequence to Gaussian sites N(ỹ_ntl; z_l(t), 1/λ_ntl), and
 q(z_n) = p(z_n) Π t / Z — a Gauss-Markov posterior with the prior's temporal correlations, computed by
-one O(T) Kalman smoothing pass per latent (:mod:`latentgp.variational.amortised`), or, in training on
-sequences of at most ``dense_max`` steps, exactly the same q with dense T x T matrices
-(:mod:`latentgp.variational.amortised_dense`: one Cholesky per sequence and latent instead of ~log2 T scan
-levels of small calls, which dominate the step time at short T). Then
+one O(T) Kalman smoothing pass per latent (:mod:`latentgp.variational.amortised`). In training the pass and
+its gradient run compiled (:mod:`latentgp.linalg.kalman_sites`: numba filter + RTS smoother and their
+hand-written reverse pass); the differentiable parallel scans of :mod:`latentgp.linalg.kalman` are the
+fallback, and sequences of at most ``dense_max`` steps can use exactly the same q with dense T x T matrices
+(:mod:`latentgp.variational.amortised_dense`, the test twin). Then
 
     ELBO = Σ_n E_q[log p(y_n | z_n)] - KL(q_n ‖ p),   KL = E_q[Σ log t] - log Z   (closed form),
 
@@ -99,14 +100,14 @@ class GPVAE(Model):
         (keeps the likelihood bounded on noiseless data).
     dense_max : int
         Training on sequences of at most this many steps computes q and its KL with dense T x T matrices
-        (one Cholesky per sequence and latent: few large calls, faster for short sequences); longer ones use
-        the O(T) Kalman smoother (also when a minibatch's T x T temporaries would exceed 128 MiB). Both are
-        exact. 0 = always Kalman.
+        (one Cholesky per sequence and latent; not when a minibatch's T x T temporaries would exceed 128 MiB),
+        longer ones with the O(T) Kalman smoother. Both are exact. Default 0 = always Kalman: its compiled
+        pass is faster than the dense one at every length measured (see BENCHMARKS.md).
     """
 
     def __init__(self, latent_dim: int, kernel=None, encoder=None, decoder=None, likelihood="gaussian", *,
                  hidden: int = 64, context: int = 2, bin_width: float = 1.0, min_noise: float = 1e-3,
-                 dense_max: int = 128, dtype=DEFAULT_DTYPE):
+                 dense_max: int = 0, dtype=DEFAULT_DTYPE):
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.likelihood = resolve_likelihood(likelihood, check_positive(bin_width, "bin_width"))
         for name, net in (("encoder", encoder), ("decoder", decoder)):

@@ -19,6 +19,8 @@ representations of the GP prior are provided:
 from __future__ import annotations
 
 import math
+import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,25 +29,35 @@ from ..kernels import spectral_density, state_space_form
 from ..linalg.kalman import kalman_smoother
 from .cvi import (
     Sites,
-    joint_state_space,
     latent_marginals,
+    process_noise_factors,
     sample_prior_states,
     site_expected_log,
     site_posterior,
+    stack_latents,
 )
 
 
 # --------------------------------------------------------------------------------------------------
 # time domain: independent state-space priors per latent, smoothed as a batch axis
 # --------------------------------------------------------------------------------------------------
-class MarkovPrior(NamedTuple):
+@dataclass(eq=False)
+class MarkovPrior:
     """State-space prior of L independent latents on a time grid, laid out for a (batch, L) smoother."""
 
-    A: torch.Tensor  # (L, T, s, s)
-    Q: torch.Tensor  # (L, T, s, s)
+    A: torch.Tensor  # (L, T, s, s), or (L, 1, s, s) on a regular grid (time-invariant)
+    Q: torch.Tensor  # like A
     P0: torch.Tensor  # (L, s, s)
     H: torch.Tensor  # (1, s), the same for every latent
-    joint: tuple  # (A, Q, P0, H) of the stacked joint state, for prior path draws
+    n_steps: int  # T
+
+    @functools.cached_property
+    def joint(self) -> tuple:
+        """(A, Q (T, L·s, L·s), P0, H) of the stacked joint state, for the scans' prior path draws; built on
+        first use (the compiled path never needs it)."""
+        L, _, s, _ = self.A.shape
+        full = (L, self.n_steps, s, s)
+        return stack_latents(self.A.expand(full), self.Q.expand(full), self.P0, self.H.expand(L, -1))
 
 
 def time_steps(times: torch.Tensor) -> torch.Tensor:
@@ -53,20 +65,28 @@ def time_steps(times: torch.Tensor) -> torch.Tensor:
     return torch.cat((times.new_zeros(1), times[1:] - times[:-1]))
 
 
+def regular_step(times: torch.Tensor) -> torch.Tensor | None:
+    """The common step of an evenly spaced grid ``times`` (T,) as a 1-element tensor (to 1e-12 relative), or None."""
+    dt = times[1:] - times[:-1]
+    if len(dt) and bool(((dt - dt[0]).abs() <= 1e-12 * dt[0].abs()).all()):
+        return dt[:1]
+    return None
+
+
 def markov_prior(kernel, times: torch.Tensor) -> MarkovPrior:
     """State-space form of ``kernel`` (batch_shape (L,)) on the sorted grid ``times`` (T,).
 
     Each latent is smoothed as its own batch entry (state dim s, closed-form 2x2 algebra for
     Matérn-3/2) rather than as one joint state of dim L·s; this needs H to be common to all latents,
-    as it is for Matérn / Hida-Matérn forms."""
+    as it is for Matérn / Hida-Matérn forms. On a regular grid A and Q are one time-invariant pair."""
     form = state_space_form(kernel)
-    dt = time_steps(times)
+    step = regular_step(times)
+    dt = time_steps(times) if step is None else step
     s = form.state_dim
     H = form.H.reshape(-1, s)
     if not torch.equal(H, H[:1].expand_as(H)):
         raise ValueError("`kernel`: every latent's state-space form must share its observation row H.")
-    return MarkovPrior(*form.discretise(dt), form.P_inf, H[:1],
-                       joint_state_space(form, dt))
+    return MarkovPrior(*form.discretise(dt), form.P_inf, H[:1], len(times))
 
 
 def diagonal_sites(mean: torch.Tensor, precision: torch.Tensor) -> Sites:
@@ -84,7 +104,7 @@ class MarkovPosterior(NamedTuple):
 
 def markov_posterior(prior: MarkovPrior, sites: Sites) -> MarkovPosterior:
     """q = prior × sites by one Kalman smoothing pass; KL(q ‖ p) = E_q[Σ log t] - log Z exactly."""
-    (y_site, R_site, mask), sm, m_f, V_f = site_posterior(prior.A, prior.Q, prior.P0, prior.H, sites)
+    (y_site, R_site, mask), sm, m_f, V_f = site_posterior(prior.A, prior.Q, prior.P0, prior.H, sites, engine="auto")
     expected_log_sites = site_expected_log(sites, y_site, R_site, mask, m_f, V_f)  # (B, L)
     kl = (expected_log_sites - sm.log_likelihood).sum(-1)
     return MarkovPosterior(m_f.squeeze(-1).transpose(-1, -2), V_f[..., 0, 0].transpose(-1, -2), kl,
@@ -98,6 +118,33 @@ def sample_markov_posterior(prior: MarkovPrior, sites: Sites, num_samples: int, 
 
     differentiable in the sites and the kernel (the smoother is linear in its data)."""
     return markov_posterior_and_samples(prior, sites, num_samples, generator)[1]
+
+
+def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, precision: torch.Tensor,
+                                   num_samples: int, generator=None):
+    """:func:`markov_posterior_and_samples` for sites ``mean``, ``precision`` (B, T, L) through the compiled
+    smoother with its hand-written reverse pass (:mod:`latentgp.linalg.kalman_sites`): the same numbers and the
+    same random draws, without the scans' per-call overhead forwards and backwards. None if it does not apply
+    (a site precision that is not positive and finite, numba missing, or a predictive covariance that is not
+    numerically positive definite); the caller then uses the scans."""
+    try:
+        from ..linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    if not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
+        return None
+    B, T, L = mean.shape
+    s = prior.A.shape[-1]
+    # the same standard normals, in the same order, as the joint-state draws of the scan path
+    eps = torch.randn(T, num_samples, B, L * s, 1, dtype=mean.dtype, generator=generator)
+    noise = torch.randn(num_samples, B, L, T, 1, dtype=mean.dtype, generator=generator)
+    try:
+        m, var, kl, log_z, draws = site_posterior_and_samples(
+            prior.A, prior.Q, prior.P0, torch.linalg.cholesky(prior.P0), process_noise_factors(prior.Q),
+            prior.H[0].detach(), mean, precision, eps, noise)
+    except NotPositiveDefinite:
+        return None
+    return MarkovPosterior(m, var, kl, log_z), draws
 
 
 def markov_posterior_and_samples(prior: MarkovPrior, sites: Sites, num_samples: int, generator=None):
@@ -139,14 +186,24 @@ def gp_prior(kernel, times: torch.Tensor, dense_max: int = 0, batch: int = 1):
     return markov_prior(kernel, times)
 
 
-def posterior_and_samples(prior, mean: torch.Tensor, precision: torch.Tensor, num_samples: int, generator=None):
+def posterior_and_samples(prior, mean: torch.Tensor, precision: torch.Tensor, num_samples: int, generator=None,
+                          compiled: bool = True):
     """(posterior with mean, kl, log_z; draws (num_samples, B, T, L)) for sites ``mean``, ``precision`` (B, T, L),
     by the dense or the Kalman computation according to the type of ``prior`` (:func:`gp_prior`). Both are
-    exact; the dense posterior's ``var`` is None (it would cost an extra T³ product per sequence)."""
+    exact; the dense posterior's ``var`` is None (it would cost an extra T³ product per sequence). The Kalman
+    computation runs compiled (:func:`compiled_posterior_and_samples`) unless ``compiled=False`` or it does not
+    apply; the scans then give the same numbers from the same random draws."""
     from .amortised_dense import DensePrior, dense_posterior_and_samples
 
     if isinstance(prior, DensePrior):
         return dense_posterior_and_samples(prior, mean, precision, num_samples, generator)
+    if compiled:
+        rng = torch.random.default_generator if generator is None else generator
+        state = rng.get_state()
+        out = compiled_posterior_and_samples(prior, mean, precision, num_samples, generator)
+        if out is not None:
+            return out
+        rng.set_state(state)  # the scans draw the same numbers
     return markov_posterior_and_samples(prior, diagonal_sites(mean, precision), num_samples, generator)
 
 

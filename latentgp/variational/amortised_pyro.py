@@ -30,7 +30,7 @@ def _shape(prior) -> tuple[int, int]:
     """(T, L) of a dense or state-space prior."""
     if isinstance(prior, DensePrior):
         return prior.K.shape[1], prior.K.shape[0]
-    return prior.A.shape[1], prior.A.shape[0]
+    return prior.n_steps, prior.A.shape[0]
 
 
 class _PathDistribution(TorchDistribution):

@@ -272,11 +272,14 @@ def noise_factors(Q, P0):
     """chol(P0) at t = 0 and chol(Q_t) for t >= 1, stacked (T, S, S): the prior path is
     x_t = A_t x_{t-1} + factor_t ε_t. Q(0) is not used (it can be exactly singular over a zero step);
     later Q_t get a 1e-12 relative jitter, as a near-zero step makes them near-singular."""
-    S = Q.shape[-1]
-    eye = torch.eye(S, dtype=Q.dtype)
-    Q1 = Q[1:]
-    jitter = 1e-12 * Q1.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None] * eye + 1e-300 * eye
-    return torch.cat((torch.linalg.cholesky(P0).unsqueeze(0), torch.linalg.cholesky(Q1 + jitter)), 0)
+    return torch.cat((torch.linalg.cholesky(P0).unsqueeze(0), process_noise_factors(Q[1:])), 0)
+
+
+def process_noise_factors(Q):
+    """chol(Q + 1e-12 x max diag(Q) x I) for a stack of process-noise covariances (..., S, S)."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
+    jitter = 1e-12 * Q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)[..., None, None] * eye + 1e-300 * eye
+    return torch.linalg.cholesky(Q + jitter)
 
 
 def sample_prior_states(A, Q, P0, batch, generator=None, noise=None):

@@ -1,0 +1,120 @@
+"""The compiled GP-VAE posterior (numba forward + hand-written reverse pass) vs the dense GP twin and the scans."""
+import pytest
+import torch
+
+from latentgp.kernels import Matern
+from latentgp.linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
+from latentgp.variational.amortised import (
+    compiled_posterior_and_samples,
+    markov_prior,
+    posterior_and_samples,
+)
+from latentgp.variational.cvi import process_noise_factors
+
+L, B, T = 2, 3, 11
+DT = torch.float64
+
+
+def dense_posterior(kernel, times, mean, prec):
+    """Σ = (K⁻¹ + Λ)⁻¹, m = Σ Λ ỹ, the Gaussian KL(N(m, Σ) ‖ N(0, K)) and log Z, from the dense kernel matrix."""
+    K = kernel(times[:, None]).to_dense()  # (L, T, T)
+    lam, y = prec.transpose(1, 2), mean.transpose(1, 2)  # (B, L, T)
+    Kinv = torch.linalg.inv(K)
+    Sig = torch.linalg.inv(Kinv + torch.diag_embed(lam))
+    m = (Sig @ (lam * y).unsqueeze(-1)).squeeze(-1)
+    quad = (m.unsqueeze(-2) @ Kinv @ m.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    kl = 0.5 * ((Kinv * Sig).sum((-1, -2)) + quad - len(times) + torch.logdet(K) - torch.logdet(Sig))
+    cov = K + torch.diag_embed(1 / lam)  # log Z = log N(ỹ; 0, K + Λ⁻¹)
+    log_z = torch.distributions.MultivariateNormal(torch.zeros(len(times), dtype=DT), cov).log_prob(y)
+    return m.transpose(1, 2), Sig.diagonal(dim1=-2, dim2=-1).transpose(1, 2), kl.sum(-1), log_z.sum(-1)
+
+
+def make_kernel(nu):
+    kernel = Matern(nu=nu, batch_shape=torch.Size([L])).double()
+    with torch.no_grad():
+        kernel.lengthscale = torch.tensor([2.0, 5.0], dtype=DT).reshape(L, 1, 1)
+    return kernel
+
+
+def make_data(grid: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    if grid == "irregular":
+        times = torch.sort(torch.rand(T, generator=gen, dtype=DT) * 20).values
+    else:
+        times = torch.arange(T, dtype=DT) * 1.3 + 0.4
+    mean = torch.randn(B, T, L, generator=gen, dtype=DT).requires_grad_(True)
+    prec = (torch.rand(B, T, L, generator=gen, dtype=DT) * 2 + 0.1).requires_grad_(True)
+    weights = [torch.randn(B, T, L, generator=gen, dtype=DT) for _ in range(2)]
+    return times, mean, prec, weights
+
+
+@pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
+@pytest.mark.parametrize("grid", ["regular", "irregular"])
+def test_posterior_kl_and_gradients_match_dense_twin(nu, grid):
+    """Mean, marginal variance, KL and log Z, and their gradients in the sites and the kernel's lengthscales,
+    equal the dense Gaussian computation (K⁻¹, (K⁻¹ + Λ)⁻¹, autograd) to ~1e-9."""
+    times, mean, prec, (w_m, w_v) = make_data(grid)
+    kernel = make_kernel(nu)
+    prior = markov_prior(kernel, times)
+    assert prior.A.shape[1] == (1 if grid == "regular" else T)  # regular grids use one time-invariant (A, Q)
+    post, _ = compiled_posterior_and_samples(prior, mean, prec, 1)
+    m, var, kl, log_z = dense_posterior(kernel, times, mean, prec)
+    for got, want in ((post.mean, m), (post.var, var), (post.kl, kl), (post.log_z, log_z)):
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+    assert (kl > 0.5).all()
+
+    params = [mean, prec, kernel.raw_lengthscale]
+
+    def grads(mu, v, k, z):
+        return torch.autograd.grad((w_m * mu).sum() + (w_v * v).sum() + k.sum() + 0.3 * z.sum(), params)
+    for g_c, g_d in zip(grads(post.mean, post.var, post.kl, post.log_z), grads(m, var, kl, log_z), strict=True):
+        assert torch.allclose(g_c, g_d, atol=1e-9, rtol=1e-8)
+        assert g_d.abs().max() > 1e-3  # every gradient is exercised
+
+
+@pytest.mark.parametrize("grid", ["regular", "irregular"])
+def test_draws_and_gradients_match_the_scans(grid):
+    """Same generator -> the same Matheron draws as the differentiable scans, with the same gradients."""
+    times, mean, prec, (w, _) = make_data(grid, seed=1)
+    kernel = make_kernel(1.5)
+    params = [mean, prec, kernel.raw_lengthscale]
+    out = []
+    for compiled in (True, False):
+        prior = markov_prior(kernel, times)
+        post, z = posterior_and_samples(prior, mean, prec, 3, torch.Generator().manual_seed(5), compiled=compiled)
+        assert z.shape == (3, B, T, L)
+        obj = (z * w).sum() + post.kl.sum() + (post.var * w[0]).sum()
+        out.append((z.detach(), post.kl.detach(), torch.autograd.grad(obj, params)))
+    (z1, kl1, g1), (z2, kl2, g2) = out
+    assert torch.allclose(z1, z2, atol=1e-9, rtol=0)  # the factors' jitter differs at 1e-12
+    assert torch.allclose(kl1, kl2, atol=1e-10, rtol=0)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
+def test_fallback_to_the_scans_draws_the_same_numbers():
+    """A site with zero precision (no information) is outside the compiled path: the scans take over with the
+    same random numbers; a non-positive-definite prior raises NotPositiveDefinite from the compiled function."""
+    times, mean, prec, _ = make_data("regular", seed=2)
+    prior = markov_prior(make_kernel(1.5), times)
+    zero = prec.detach().clone()
+    zero[0, 3, 1] = 0.0
+    assert compiled_posterior_and_samples(prior, mean, zero, 2) is None
+    a = posterior_and_samples(prior, mean, zero, 2, torch.Generator().manual_seed(3))
+    b = posterior_and_samples(prior, mean, zero, 2, torch.Generator().manual_seed(3), compiled=False)
+    assert torch.equal(a[1], b[1]) and torch.isfinite(a[1]).all()
+    torch.manual_seed(4)
+    c = posterior_and_samples(prior, mean, zero, 2)[1]
+    torch.manual_seed(4)
+    d = posterior_and_samples(prior, mean, zero, 2, compiled=False)[1]
+    assert torch.equal(c, d)  # also with the global generator
+
+    bad_P0 = -prior.P0  # negative definite: the first predictive covariance fails the check
+    eps, noise = torch.randn(T, 1, B, L * 2, 1, dtype=DT), torch.randn(1, B, L, T, 1, dtype=DT)
+    with pytest.raises(NotPositiveDefinite):
+        site_posterior_and_samples(prior.A, prior.Q, bad_P0, torch.linalg.cholesky(prior.P0),
+                                   process_noise_factors(prior.Q), prior.H[0], mean, prec, eps, noise)
+    with pytest.raises(ValueError, match="`h`"):
+        site_posterior_and_samples(prior.A, prior.Q, prior.P0, torch.linalg.cholesky(prior.P0),
+                                   process_noise_factors(prior.Q), prior.H[0].clone().requires_grad_(True),
+                                   mean, prec, eps, noise)
