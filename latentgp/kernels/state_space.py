@@ -8,6 +8,7 @@ Supported: half-integer Matérn (nu = p + 1/2), HidaMatern, and ScaleKernel / su
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,34 +87,48 @@ class StateSpaceForm:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _matern_generator(lam: Tensor, p: int) -> Tensor:
-    """Companion matrix F with characteristic polynomial (s + lam)^(p+1); state (f, f', ..., f^(p))."""
+@functools.lru_cache(maxsize=64)
+def _matern_constants(p: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """Lengthscale-free pieces of the Matérn(p + 1/2) form, built once per (p, dtype, device): training loops
+    rebuild the form every step, and these Python-level constructions were most of its cost.
+
+    Returns (shift, last, coeff, coeff_power, cov_const, cov_power, eye, H):
+    F = shift + last * (coeff * lam^coeff_power), P_inf = cov_const * lam^cov_power (see below)."""
     s = p + 1
-    shift = torch.diag(torch.ones(p, dtype=lam.dtype, device=lam.device), 1)
-    # last row: f^(p+1) = -sum_k binom(p+1, k) lam^(p+1-k) f^(k)
-    coeffs = torch.cat([-math.comb(s, k) * lam ** (s - k) for k in range(s)], dim=-1)  # (*batch, 1, s)
-    last = torch.zeros(s, 1, dtype=lam.dtype, device=lam.device)
+    kw = {"dtype": dtype, "device": device}
+    shift = torch.diag(torch.ones(p, **kw), 1)
+    last = torch.zeros(s, 1, **kw)
     last[-1, 0] = 1.0
-    return shift + last * coeffs
-
-
-def _matern_stationary_cov(lam: Tensor, p: int) -> Tensor:
-    """P_inf[i, j] = Cov(f^(i), f^(j)) = (-1)^j k^(i+j)(0) = (-1)^(j+m) M_2m for i + j = 2m, else 0.
-
-    M_2m = lam^(2m) Gamma(m+1/2) Gamma(p-m+1/2) / (Gamma(1/2) Gamma(p+1/2)) is the 2m-th moment of the
-    normalised Matérn spectral density, proportional to (lam^2 + w^2)^-(p+1).
-    """
-    s = p + 1
-    const = torch.zeros(s, s, dtype=lam.dtype, device=lam.device)
+    # last row of F: f^(p+1) = -sum_k binom(p+1, k) lam^(p+1-k) f^(k)
+    coeff = torch.tensor([-float(math.comb(s, k)) for k in range(s)], **kw)
+    coeff_power = torch.tensor([float(s - k) for k in range(s)], **kw)
+    # P_inf[i, j] = Cov(f^(i), f^(j)) = (-1)^j k^(i+j)(0) = (-1)^(j+m) M_2m for i + j = 2m, else 0, with
+    # M_2m = lam^(2m) Gamma(m+1/2) Gamma(p-m+1/2) / (Gamma(1/2) Gamma(p+1/2)) the 2m-th moment of the
+    # normalised Matérn spectral density, proportional to (lam^2 + w^2)^-(p+1)
+    cov_const = torch.zeros(s, s, **kw)
     for i in range(s):
         for j in range(s):
             if (i + j) % 2 == 0:
                 m = (i + j) // 2
                 logm = (math.lgamma(m + 0.5) + math.lgamma(p - m + 0.5)
                         - math.lgamma(0.5) - math.lgamma(p + 0.5))
-                const[i, j] = (-1) ** (j + m) * math.exp(logm)
-    power = torch.arange(s, dtype=lam.dtype, device=lam.device)
-    return const * lam ** (power[:, None] + power[None, :])
+                cov_const[i, j] = (-1) ** (j + m) * math.exp(logm)
+    power = torch.arange(s, **kw)
+    H = torch.zeros(s, **kw)
+    H[0] = 1.0
+    return shift, last, coeff, coeff_power, cov_const, power[:, None] + power[None, :], torch.eye(s, **kw), H
+
+
+def _matern_generator(lam: Tensor, p: int) -> Tensor:
+    """Companion matrix F with characteristic polynomial (s + lam)^(p+1); state (f, f', ..., f^(p))."""
+    shift, last, coeff, coeff_power = _matern_constants(p, lam.dtype, lam.device)[:4]
+    return shift + last * (coeff * lam ** coeff_power)  # lam (*batch, 1, 1) -> last row (*batch, 1, s)
+
+
+def _matern_stationary_cov(lam: Tensor, p: int) -> Tensor:
+    """P_inf of the unit-variance Matérn(p + 1/2) state (f, f', ..., f^(p)) (see :func:`_matern_constants`)."""
+    cov_const, cov_power = _matern_constants(p, lam.dtype, lam.device)[4:6]
+    return cov_const * lam ** cov_power
 
 
 def matern_state_space(nu: float, lengthscale) -> StateSpaceForm:
@@ -134,9 +149,10 @@ def matern_state_space(nu: float, lengthscale) -> StateSpaceForm:
                          f"got {tuple(ls.shape)}.")
     lam = math.sqrt(2.0 * (p + 0.5)) / ls  # (*batch, 1, 1)
     s = p + 1
+    eye, H = _matern_constants(p, lam.dtype, lam.device)[6:]
     F = _matern_generator(lam, p)
-    N = F + lam * torch.eye(s, dtype=lam.dtype, device=lam.device)
-    npow = [torch.eye(s, dtype=lam.dtype, device=lam.device).expand_as(N)]
+    N = F + lam * eye
+    npow = [eye.expand_as(N)]
     for _ in range(p):
         npow.append(npow[-1] @ N)
     npow = torch.stack(npow, dim=-3)  # (*batch, K, s, s), K = p + 1
@@ -151,8 +167,6 @@ def matern_state_space(nu: float, lengthscale) -> StateSpaceForm:
         return torch.exp(-lam.unsqueeze(-3) * dt[..., None, None]) * series
 
     P = _matern_stationary_cov(lam, p)
-    H = torch.zeros(s, dtype=lam.dtype, device=lam.device)
-    H[0] = 1.0
     return StateSpaceForm(P, H.expand(*lam.shape[:-2], s), transition_fn, F)
 
 
