@@ -15,15 +15,16 @@ from spikes + images, and from spikes alone; GPFA from spikes), on the held-out 
 (GPFA: ``transform``), pixel R² of the held-out images predicted from spikes alone, fit time and time per
 epoch (one pass over the 40 training trials).
 
-Cost rows: one training step (forward + backward, same default encoder/decoder) of GPVAE (dense posterior for
-T <= dense_max = 128, Kalman smoother above; both timed at T = 100) against the same networks with an i.i.d.
-N(0, I) prior (a plain VAE: q(z_t) = N(0, I) x site, closed-form KL per step), for T = 100 ... 10,000, and the
-log-log slope of the Kalman path's step time over T.
+Cost rows: one training step (forward, backward, Adam update; same default encoder/decoder) of GPVAE (its
+default compiled Kalman posterior; for T <= 128 also the dense posterior) against the same networks with an
+i.i.d. N(0, I) prior (a plain VAE: q(z_t) = N(0, I) x site, closed-form KL per step), for T = 100 ... 10,000,
+and the log-log slope of the GPVAE step time over T; time per epoch of ``GPVAE.fit`` against the plain VAE
+trained through the same fit loop.
 Co-smoothing: on the held-out trials the even neurons are held in, the odd ones scored (bits/spike against each
 neuron's mean rate; ``latentgp.cosmoothing``); "true rates" scores the simulation's own rates (the ceiling).
 Timings are on a shared 2-core machine under load from other jobs: noisy, compare ratios from the same run.
 
-Run:  .venv/bin/python benchmarks/bench_gpvae.py [--quick]
+Run:  .venv/bin/python benchmarks/bench_gpvae.py [--quick] [--costs-only]
 """
 from __future__ import annotations
 
@@ -102,32 +103,70 @@ def plain_vae_loss(model: GPVAE, y):
     return -(model._log_density(y, model.net.decoder(z)).sum((-1, -2)) - kl).sum()
 
 
-def _step(model: GPVAE, y, plain: bool = False):
+def _train_step(model: GPVAE, y, plain: bool = False, per_call: int = 1):
+    """``per_call`` full training steps (zero_grad, forward, backward, Adam update) on the minibatch y."""
+    opt = torch.optim.Adam(model.net.parameters(), lr=1e-5)
+
     def step():
-        model.net.zero_grad()
-        (plain_vae_loss(model, y) if plain else -model.elbo_terms(y)["elbo"].sum()).backward()
+        for _ in range(per_call):
+            opt.zero_grad()
+            (plain_vae_loss(model, y) if plain else -model.elbo_terms(y)["elbo"].sum()).backward()
+            opt.step()
     return step
 
 
 def step_costs(repeats: int, cases) -> list[dict]:
-    """Per (batch, T): one training step of GPVAE as dispatched by default (dense for T <= dense_max), of GPVAE on
-    the Kalman path (dense_max=0; the same model when T > dense_max) and of the plain VAE, interleaved."""
+    """Per (batch, T): one GPVAE training step (default: compiled Kalman posterior) and one of the plain VAE with
+    the same encoder/decoder, interleaved; for T <= 128 also GPVAE with the dense posterior (``dense_max=T``)."""
     rows = []
     rng = np.random.default_rng(0)
     for batch, T in cases:
         Y = rng.standard_normal((batch, T, 20))
         model = GPVAE(3).fit(Y, steps=0, progress=False, seed=0)
-        kalman = GPVAE(3, dense_max=0).fit(Y, steps=0, progress=False, seed=0)
-        fns = {"gp": _step(model, model._train), "plain": _step(model, model._train, plain=True)}
-        if T <= model.config["dense_max"]:
-            fns["kalman"] = _step(kalman, kalman._train)
+        per_call = max(1, 2000 // (batch * T))  # short steps are timed in groups (timer resolution, jitter)
+        fns = {"gp": _train_step(model, model._train, per_call=per_call),
+               "plain": _train_step(model, model._train, plain=True, per_call=per_call)}
+        if T <= 128:
+            dense = GPVAE(3, dense_max=T).fit(Y, steps=0, progress=False, seed=0)
+            fns["dense"] = _train_step(dense, dense._train, per_call=per_call)
         t = time_interleaved(fns, repeats=repeats if T <= 1000 else max(3, repeats // 3))
-        kal = t.get("kalman", t["gp"])
-        rows.append({"what": f"step, batch {batch} x T={T}, D=20, L=3",
-                     "path": "dense" if "kalman" in fns else "Kalman",
-                     "GPVAE ms": 1e3 * median(t["gp"]), "GPVAE Kalman-path ms": 1e3 * median(kal),
-                     "plain VAE ms": 1e3 * median(t["plain"]), "GPVAE / plain": paired_ratio(t["gp"], t["plain"]),
-                     "Kalman / plain": paired_ratio(kal, t["plain"])})
+        row = {"what": f"step, batch {batch} x T={T}, D=20, L=3", "GPVAE ms": 1e3 * median(t["gp"]) / per_call,
+               "plain VAE ms": 1e3 * median(t["plain"]) / per_call, "GPVAE / plain": paired_ratio(t["gp"], t["plain"])}
+        if "dense" in t:
+            row["dense-q GPVAE / plain"] = paired_ratio(t["dense"], t["plain"])
+        rows.append(row)
+    return rows
+
+
+def epoch_costs(rounds: int, cases, epochs: int = 10) -> list[dict]:
+    """Per (sequences N, T, batch): wall time per epoch of ``GPVAE.fit`` (``epochs`` passes, history and the
+    final posterior included) and of the same networks trained as a plain VAE through the same loop
+    (``latentgp.fit.optimize``, Adam, same minibatch sizes), interleaved over ``rounds``."""
+    from latentgp.fit import optimize
+    from latentgp.models.vae_parts import minibatches
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for N, T, batch in cases:
+        Y = rng.standard_normal((N, T, 20))
+        steps = epochs * (N // batch)
+
+        def gp():
+            GPVAE(3).fit(Y, steps=steps, batch_size=batch, progress=False, seed=0)
+
+        def plain():
+            m = GPVAE(3).fit(Y, steps=0, progress=False, seed=0)  # builds the same default networks
+            y, batches = m._train, minibatches(N, batch)
+
+            def loss():
+                idx = next(batches)
+                return plain_vae_loss(m, y[idx]) / (len(idx) * T)
+            optimize(loss, list(m.net.parameters()), method="adam", steps=steps, lr=0.01, progress=False)
+        t = time_interleaved({"gp": gp, "plain": plain}, repeats=rounds, warmup=0)
+        rows.append({"what": f"epoch, {N} sequences x T={T}, batch {batch}, D=20, L=3",
+                     "GPVAE ms/epoch": 1e3 * median(t["gp"]) / epochs,
+                     "plain VAE ms/epoch": 1e3 * median(t["plain"]) / epochs,
+                     "GPVAE / plain": paired_ratio(t["gp"], t["plain"])})
     return rows
 
 
@@ -169,9 +208,24 @@ def mm_step_costs(repeats: int, batches=(10, 40)) -> list[dict]:
 
 def slope(rows, key: str) -> float:
     """Log-log slope of ``key`` against T over the batch-4 rows (1 = linear)."""
-    pts = [(int(r["what"].split("T=")[1].split(",")[0]), r[key]) for r in rows if "batch 4" in r["what"]]
+    pts = [(int(r["what"].split("T=")[1].split(",")[0]), r[key]) for r in rows if "batch 4 x" in r["what"]]
     T, ms = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     return float(np.polyfit(T, ms, 1)[0])
+
+
+def cost_tables(quick: bool = False) -> tuple[str, list[dict]]:
+    """The GPVAE / MM-GPVAE cost tables (markdown) and their rows."""
+    fmt = lambda rows: [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]  # noqa: E731
+    cases = [(10, 100), (40, 100), (4, 100), (4, 1000)] + ([] if quick else [(4, 300), (4, 3000), (4, 10000)])
+    costs = step_costs(5 if quick else 11, cases)
+    epochs = epoch_costs(3, [(40, 100, 10), (16, 1000, 4)] if quick else [(40, 100, 10), (40, 100, 40),
+                                                                           (16, 1000, 4)])
+    costs_mm = mm_step_costs(5 if quick else 11)
+    out = ("GPVAE training step vs a plain VAE (same networks, Adam update included)\n\n" + markdown_table(fmt(costs))
+           + f"\n\nlog-log slope of the GPVAE step time over T (batch 4): {slope(costs, 'GPVAE ms'):.2f}"
+           + "\n\nGPVAE time per epoch vs a plain VAE (same networks and fit loop)\n\n" + markdown_table(fmt(epochs))
+           + "\n\nMM-GPVAE step cost vs a plain VAE (same networks)\n\n" + markdown_table(fmt(costs_mm)))
+    return out, costs + epochs + costs_mm
 
 
 def main(quick: bool = False) -> str:
@@ -183,23 +237,26 @@ def main(quick: bool = False) -> str:
     keys = [k for k in rows[0] if k != "seed"]
     summary = {"seed": "mean"} | {k: float(np.mean([r[k] for r in rows])) for k in keys}
     fmt = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows + [summary]]
-    cases = [(10, 100), (4, 100), (4, 1000)] + ([] if quick else [(4, 10000)])
-    costs = step_costs(5 if quick else 11, cases)
-    costs_mm = mm_step_costs(5 if quick else 11)
-    fmt_costs = [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in costs]
-    fmt_mm = [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in costs_mm]
-    out = (f"MM-GPVAE vs GPFA ({steps} Adam steps; {describe(info)})\n\n" + markdown_table(fmt)
-           + "\n\nGPVAE step cost vs a plain VAE (same networks)\n\n" + markdown_table(fmt_costs)
-           + "\n\nMM-GPVAE step cost vs a plain VAE (same networks)\n\n" + markdown_table(fmt_mm)
-           + f"\n\nlog-log slope of the Kalman-path step time over T (batch 4): "
-           f"{slope(costs, 'GPVAE Kalman-path ms'):.2f}")
+    tables, cost_rows = cost_tables(quick)
+    out = f"MM-GPVAE vs GPFA ({steps} Adam steps; {describe(info)})\n\n" + markdown_table(fmt) + "\n\n" + tables
     print(out)
     append_rows("gpvae" + ("_quick" if quick else ""), rows, info)
-    append_rows("gpvae_cost" + ("_quick" if quick else ""), costs + costs_mm, info)
+    append_rows("gpvae_cost" + ("_quick" if quick else ""), cost_rows, info)
+    return out
+
+
+def main_costs(quick: bool = False) -> str:
+    torch.set_num_threads(1)
+    info = machine()
+    out, rows = cost_tables(quick)
+    print(f"GP-VAE costs ({describe(info)})\n\n" + out)
+    append_rows("gpvae_cost" + ("_quick" if quick else ""), rows, info)
     return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    main(ap.parse_args().quick)
+    ap.add_argument("--costs-only", action="store_true", help="only the GPVAE / MM-GPVAE cost tables")
+    args = ap.parse_args()
+    main_costs(args.quick) if args.costs_only else main(args.quick)

@@ -95,7 +95,7 @@ def append_rows(name: str, rows: Sequence[Mapping], info: Mapping | None = None)
     OUTPUT.mkdir(exist_ok=True)
     path = OUTPUT / f"{name}.csv"
     rows = [{**(info or {}), **row} for row in rows]
-    fields = list(rows[0]) if rows else []
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # the union, in first-seen order
     new = not path.exists() or path.stat().st_size == 0
     if not new:  # keep the existing header if the columns are unchanged, else start a new file
         with open(path, newline="") as f:
@@ -104,7 +104,7 @@ def append_rows(name: str, rows: Sequence[Mapping], info: Mapping | None = None)
             path = path.with_name(f"{name}-{_dt.datetime.now():%Y%m%d-%H%M%S}.csv")
             new = True
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)
