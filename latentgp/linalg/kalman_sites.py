@@ -139,11 +139,12 @@ def _inverse(P, W, Lc, B):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, 
 
 # ----------------------------------------------------------------------------------------------- forward
 @jit
-def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll):  # pragma: no cover - compiled
+def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar):  # pragma: no cover - compiled
     """Filter + RTS for C chains. A, Q: (T_A, s, s, C), T_A in {1, T} (index 0 of a length-T axis unused);
     P0 (s, s, C); h (s,); D (n, T, C) data (log Z is that of D[0]); r (T, C). Writes the filter's predicted /
-    filtered moments, the inverse predictive covariances W and gains J, the smoothed moments and log Z (C,).
-    Returns 1 if a predictive covariance is not positive definite."""
+    filtered moments, the inverse predictive covariances W and gains J, the smoothed moments, log Z (C,), and
+    the smoothed h·x means (n, T, C) and variances (T, C). Returns 1 if a predictive covariance is not positive
+    definite."""
     n, T, C = D.shape
     s = h.shape[0]
     TA = A.shape[0]
@@ -238,6 +239,19 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll):  # pragma: no
         _mm(Jt, Dl, M, False, False)
         _mm(M, Jt, Ps[t], False, True)
         _acc(Ps[t], Pf[t], 1.0)
+    # latent (h·x) means of every data column and marginal variances
+    for t in range(T):
+        for c in range(C):
+            v = 0.0
+            for i in range(s):
+                for j in range(s):
+                    v += h[i] * Ps[t, i, j, c] * h[j]
+            hvar[t, c] = v
+            for k in range(n):
+                acc = 0.0
+                for i in range(s):
+                    acc += h[i] * ms[k, t, i, c]
+                hmean[k, t, c] = acc
     return 0
 
 
@@ -472,6 +486,93 @@ def _draw_backward(A, G0, G, eps, h, x, g_f, gA, gG0, gG):  # pragma: no cover -
                         o2[c] += a[c] * g[c]
 
 
+# ---------------------------------------------------------------------------- drivers: layout, KL, Matheron
+@jit
+def _posterior_forward(A, Q, P0, Ad, G0, G, h, mean, prec, eps, noise, y, r, eps_d, x, f, D,
+                       mp, Pp, mf, Pf, W, J, ms, Ps, ll, hm, hv,
+                       out_mean, out_var, out_kl, out_ll, out_draws):  # pragma: no cover - compiled
+    """Sites (B, T, L) -> chains; prior draws; smoother; KL, log Z and draws back in (.., B, T, L) layout.
+    eps (T, S, C, s), noise (S, C, T): the standard normals. Returns 1 if a covariance is not PD."""
+    B, T, L = mean.shape
+    S, s, C = noise.shape[0], h.shape[0], B * L
+    for b in range(B):
+        for t in range(T):
+            for l in range(L):
+                y[t, b * L + l] = mean[b, t, l]
+                r[t, b * L + l] = 1.0 / prec[b, t, l]
+    for t in range(T):
+        for a in range(S):
+            for c in range(C):
+                for j in range(s):
+                    eps_d[t, j, a * C + c] = eps[t, a, c, j]
+    _draw(Ad, G0, G, eps_d, h, x, f)
+    for t in range(T):
+        for c in range(C):
+            D[0, t, c] = y[t, c]
+            root = math.sqrt(r[t, c])
+            for a in range(S):
+                D[1 + a, t, c] = y[t, c] - f[t, a * C + c] - root * noise[a, c, t]
+    if _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hm, hv):
+        return 1
+    for b in range(B):
+        out_kl[b] = 0.0
+        out_ll[b] = 0.0
+        for l in range(L):
+            c = b * L + l
+            out_ll[b] += ll[c]
+            out_kl[b] -= ll[c]
+            for t in range(T):
+                resid = y[t, c] - hm[0, t, c]
+                out_kl[b] -= 0.5 * ((resid * resid + hv[t, c]) / r[t, c] + math.log(r[t, c]) + LOG2PI)
+                out_mean[b, t, l] = hm[0, t, c]
+                out_var[b, t, l] = hv[t, c]
+                for a in range(S):
+                    out_draws[a, b, t, l] = f[t, a * C + c] + hm[1 + a, t, c]
+    return 0
+
+
+@jit
+def _posterior_backward(A, Q, P0, Ad, G0, G, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, J, ms, Ps, hm, hv,
+                        g_mean, g_var, g_kl, g_ll, g_draws,
+                        gA, gQ, gP0, gAd, gG0, gG, g_y, g_prec):  # pragma: no cover - compiled
+    """Reverse of :func:`_posterior_forward` for cotangents in (.., B, T, L) layout; writes g_y, g_prec (B, T, L)
+    and accumulates the prior's adjoints (chain layout)."""
+    B, T, L = g_mean.shape
+    S, C, n = noise.shape[0], B * L, D.shape[0]
+    g_means = np.empty((n, T, C))
+    g_v = np.empty((T, C))
+    g_l = np.empty(C)
+    # KL = Σ_t -½ [((ỹ - m)² + v)/r + log r + log 2π] - log Z, through m, v and log Z ...
+    for b in range(B):
+        for l in range(L):
+            c = b * L + l
+            g_l[c] = g_ll[b] - g_kl[b]
+            for t in range(T):
+                g_means[0, t, c] = g_mean[b, t, l] + g_kl[b] * (y[t, c] - hm[0, t, c]) / r[t, c]
+                g_v[t, c] = g_var[b, t, l] - 0.5 * g_kl[b] / r[t, c]
+                for a in range(S):
+                    g_means[1 + a, t, c] = g_draws[a, b, t, l]
+    gD, gr = np.empty((n, T, C)), np.empty((T, C))
+    _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_means, g_v, g_l, gA, gQ, gP0, gD, gr)
+    # ... and directly; D = [ỹ, ỹ - f - √r z]; r = 1 / λ
+    g_f = np.empty((T, S * C))
+    for b in range(B):
+        for l in range(L):
+            c = b * L + l
+            for t in range(T):
+                resid, rt = y[t, c] - hm[0, t, c], r[t, c]
+                gy = -g_kl[b] * resid / rt
+                grt = gr[t, c] + g_kl[b] * (0.5 * (resid * resid + hv[t, c]) / (rt * rt) - 0.5 / rt)
+                for k in range(n):
+                    gy += gD[k, t, c]
+                for a in range(S):
+                    grt -= 0.5 * gD[1 + a, t, c] * noise[a, c, t] / math.sqrt(rt)
+                    g_f[t, a * C + c] = g_draws[a, b, t, l] - gD[1 + a, t, c]
+                g_y[b, t, l] = gy
+                g_prec[b, t, l] = -grt * rt * rt
+    _draw_backward(Ad, G0, G, eps_d, h, x, g_f, gAd, gG0, gG)
+
+
 # ---------------------------------------------------------------------------------------- torch wrappers
 def _np(x: torch.Tensor) -> np.ndarray:
     """A float64 numpy view (a copy only if the dtype differs); layouts are fixed up in numpy, whose calls
@@ -492,19 +593,6 @@ def _from_chains(g: np.ndarray, L: int, dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(g)).to(dtype)
 
 
-def _chain_last(x: np.ndarray) -> np.ndarray:
-    """(B, T, L) -> contiguous (T, B·L)."""
-    B, T, L = x.shape
-    return np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(T, B * L)
-
-
-def _sequence_first(x: np.ndarray, B: int, dtype) -> torch.Tensor:
-    """(..., T, B·L) -> tensor (..., B, T, L) (inverse of :func:`_chain_last` on the last two axes)."""
-    T = x.shape[-2]
-    x = np.swapaxes(x.reshape(x.shape[:-1] + (B, -1)), -3, -2)
-    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
-
-
 class _SitePosterior(torch.autograd.Function):
     """See :func:`site_posterior_and_samples`. Chains c = b·L + l are laid out last; draw a of chain c is
     chain a·C + c of the prior-draw kernel."""
@@ -513,63 +601,41 @@ class _SitePosterior(torch.autograd.Function):
     def forward(ctx, A, Q, P0, G0, G, h, mean, precision, eps, noise):
         B, T, L = mean.shape
         S, C, s = noise.shape[0], B * L, h.shape[0]
+        n = S + 1
         A_, Q_, P0_, G0_, G_, hv = (_np(x) for x in (A, Q, P0, G0, G, h))
-        y = _chain_last(_np(mean))
-        r = 1.0 / _chain_last(_np(precision))
         chains = [_to_chains(x, B) for x in (A_, Q_, P0_)]
         draw_chains = [_to_chains(x, S * B) for x in (A_, G0_, G_)]
-        eps_d = np.ascontiguousarray(_np(eps).reshape(T, S * C, s).transpose(0, 2, 1))  # (T, s, S·C)
-        x, f = np.empty((T, s, S * C)), np.empty((T, S * C))
-        _draw(*draw_chains, eps_d, hv, x, f)
-        f = f.reshape(T, S, C).transpose(1, 0, 2)  # (S, T, C)
-        z = _np(noise).reshape(S, C, T).transpose(0, 2, 1)  # standard normals of the site noise, (S, T, C)
-        root_r = np.sqrt(r)
-        D = np.concatenate((y[None], y - f - root_r * z))  # ỹ, then the Matheron residuals
-        n = S + 1
-        mp, mf, ms = (np.empty((n, T, s, C)) for _ in range(3))
-        Pp, Pf, W, J, Ps = (np.empty((T, s, s, C)) for _ in range(5))
-        ll = np.empty(C)
-        if _forward(*chains, hv, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll):
+        inputs = [np.ascontiguousarray(_np(x)) for x in (mean, precision)]
+        inputs += [np.ascontiguousarray(_np(eps)).reshape(T, S, C, s), np.ascontiguousarray(_np(noise)).reshape(S, C, T)]
+        work = [np.empty((T, C)), np.empty((T, C)), np.empty((T, s, S * C)), np.empty((T, s, S * C)),
+                np.empty((T, S * C)), np.empty((n, T, C))]  # y, r, eps_d, x, f, D
+        state = [np.empty((n, T, s, C)), np.empty((T, s, s, C)), np.empty((n, T, s, C)), np.empty((T, s, s, C)),
+                 np.empty((T, s, s, C)), np.empty((T, s, s, C)), np.empty((n, T, s, C)), np.empty((T, s, s, C))]
+        ll, hm, hvar = np.empty(C), np.empty((n, T, C)), np.empty((T, C))
+        outs = [np.empty((B, T, L)), np.empty((B, T, L)), np.empty(B), np.empty(B), np.empty((S, B, T, L))]
+        if _posterior_forward(*chains, *draw_chains, hv, *inputs, *work, *state, ll, hm, hvar, *outs):
             raise NotPositiveDefinite("a predictive covariance is not positive definite")
-        m = np.einsum("ntic,i->ntc", ms, hv)
-        var = np.einsum("tijc,i,j->tc", Ps, hv, hv)
-        resid = y - m[0]
-        kl = (-0.5 * ((resid ** 2 + var) / r + np.log(r) + LOG2PI)).sum(0) - ll  # (C,)
-        ctx.saved = (chains, draw_chains, hv, D, r, root_r, z, eps_d, x, resid, var,
-                     (mp, Pp, mf, Pf, W, J, ms, Ps))
+        ctx.saved = (chains, draw_chains, hv, inputs[3], work, state, hm, hvar)
         ctx.dims = (B, T, L, S, mean.dtype)
-        dt = mean.dtype
-        return (_sequence_first(m[0], B, dt), _sequence_first(var, B, dt),
-                torch.from_numpy(kl.reshape(B, L).sum(1)).to(dt), torch.from_numpy(ll.reshape(B, L).sum(1)).to(dt),
-                _sequence_first(f + m[1:], B, dt))
+        return tuple(torch.from_numpy(o).to(mean.dtype) for o in outs)
 
     @staticmethod
     def backward(ctx, g_mean, g_var, g_kl, g_log_z, g_draws):
-        chains, draw_chains, hv, D, r, root_r, z, eps_d, x, resid, var, state = ctx.saved
+        chains, draw_chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
         B, T, L, S, dtype = ctx.dims
-        C = B * L
-        zeros = np.zeros((T, C))
-        g_m = zeros if g_mean is None else _chain_last(_np(g_mean))
-        g_v = zeros if g_var is None else _chain_last(_np(g_var))
-        g_k = np.zeros(C) if g_kl is None else np.repeat(_np(g_kl), L)
-        g_z = np.zeros(C) if g_log_z is None else np.repeat(_np(g_log_z), L)
-        g_d = (np.zeros((S, T, C)) if g_draws is None
-               else np.ascontiguousarray(_np(g_draws).transpose(0, 2, 1, 3)).reshape(S, T, C))
-        # KL = Σ_t -½ [((ỹ - m)² + v)/r + log r + log 2π] - log Z, through m, v and log Z ...
-        g_means = np.concatenate(((g_m + g_k * resid / r)[None], g_d))
-        gA, gQ, gP0 = (np.zeros(a.shape) for a in chains)
-        gD, gr = np.empty(D.shape), np.empty(r.shape)
-        _backward(*chains, hv, D, r, *state, g_means, g_v - 0.5 * g_k / r, g_z - g_k, gA, gQ, gP0, gD, gr)
-        # ... and directly; then D = [ỹ, ỹ - f - √r z]
-        g_y = gD.sum(0) - g_k * resid / r
-        gr += g_k * (0.5 * (resid ** 2 + var) / r ** 2 - 0.5 / r) - 0.5 * (gD[1:] * z).sum(0) / root_r
-        g_f = np.ascontiguousarray((g_d - gD[1:]).transpose(1, 0, 2)).reshape(T, S * C)
-        gA_d, gG0, gG = (np.zeros(a.shape) for a in draw_chains)
-        _draw_backward(*draw_chains, eps_d, hv, x, g_f, gA_d, gG0, gG)
-        gA += gA_d.reshape(gA.shape[:-1] + (S, C)).sum(-2)
+
+        def arr(g, shape):  # a contiguous float64 cotangent (zeros if the output was unused)
+            return np.zeros(shape) if g is None else np.ascontiguousarray(_np(g))
+        grads = [np.zeros(a.shape) for a in chains + draw_chains]
+        g_y, g_prec = np.empty((B, T, L)), np.empty((B, T, L))
+        _posterior_backward(*chains, *draw_chains, hv, noise, y, r, eps_d, x, D, *state, hm, hvar,
+                            arr(g_mean, (B, T, L)), arr(g_var, (B, T, L)), arr(g_kl, (B,)), arr(g_log_z, (B,)),
+                            arr(g_draws, (S, B, T, L)), *grads, g_y, g_prec)
+        gA, gQ, gP0, gA_d, gG0, gG = grads
+        gA += gA_d.reshape(gA.shape[:-1] + (S, -1)).sum(-2)
         return (_from_chains(gA, L, dtype), _from_chains(gQ, L, dtype), _from_chains(gP0, L, dtype),
                 _from_chains(gG0, L, dtype), _from_chains(gG, L, dtype), None,
-                _sequence_first(g_y, B, dtype), _sequence_first(-gr * r * r, B, dtype), None, None)  # r = 1/λ
+                torch.from_numpy(g_y).to(dtype), torch.from_numpy(g_prec).to(dtype), None, None)
 
 
 def site_posterior_and_samples(A, Q, P0, G0, G, h, mean, precision, eps, noise):
