@@ -486,15 +486,41 @@ def _draw_backward(A, G0, G, eps, h, x, g_f, gA, gG0, gG):  # pragma: no cover -
                         o2[c] += a[c] * g[c]
 
 
+# ------------------------------------------------------------------- per-latent <-> per-chain prior arrays
+@jit
+def _expand(M, out):  # pragma: no cover - compiled; (L, T_, s, s) -> (T_, s, s, C), out[.., c] = M[c % L]
+    L = M.shape[0]
+    for t in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            for j in range(out.shape[2]):
+                for c in range(out.shape[3]):
+                    out[t, i, j, c] = M[c % L, t, i, j]
+
+
+@jit
+def _reduce(g, out):  # pragma: no cover - compiled; adjoint of _expand: out (L, T_, s, s) += Σ over copies
+    L = out.shape[0]
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            for j in range(g.shape[2]):
+                for c in range(g.shape[3]):
+                    out[c % L, t, i, j] += g[t, i, j, c]
+
+
 # ---------------------------------------------------------------------------- drivers: layout, KL, Matheron
 @jit
-def _posterior_forward(A, Q, P0, Ad, G0, G, h, mean, prec, eps, noise, y, r, eps_d, x, f, D,
+def _posterior_forward(prior, chains, h, mean, prec, eps, noise, y, r, eps_d, x, f, D,
                        mp, Pp, mf, Pf, W, J, ms, Ps, ll, hm, hv,
                        out_mean, out_var, out_kl, out_ll, out_draws):  # pragma: no cover - compiled
     """Sites (B, T, L) -> chains; prior draws; smoother; KL, log Z and draws back in (.., B, T, L) layout.
-    eps (T, S, C, s), noise (S, C, T): the standard normals. Returns 1 if a covariance is not PD."""
+    ``prior`` = per-latent (A, Q, P0, G0, G) as (L, T_, s, s) arrays, copied into ``chains`` (A, Q, P0 for the
+    B·L smoother chains, A, G0, G for the S·B·L draw chains). eps (T, S, C, s), noise (S, C, T): the standard
+    normals. Returns 1 if a covariance is not PD."""
     B, T, L = mean.shape
     S, s, C = noise.shape[0], h.shape[0], B * L
+    for k in range(6):
+        _expand(prior[(0, 1, 2, 0, 3, 4)[k]], chains[k])
+    A, Q, P0, Ad, G0, G = chains[0], chains[1], chains[2][0], chains[3], chains[4][0], chains[5]
     for b in range(B):
         for t in range(T):
             for l in range(L):
@@ -532,11 +558,13 @@ def _posterior_forward(A, Q, P0, Ad, G0, G, h, mean, prec, eps, noise, y, r, eps
 
 
 @jit
-def _posterior_backward(A, Q, P0, Ad, G0, G, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, J, ms, Ps, hm, hv,
-                        g_mean, g_var, g_kl, g_ll, g_draws,
-                        gA, gQ, gP0, gAd, gG0, gG, g_y, g_prec):  # pragma: no cover - compiled
+def _posterior_backward(chains, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, J, ms, Ps, hm, hv,
+                        g_mean, g_var, g_kl, g_ll, g_draws, g_prior, g_y, g_prec):  # pragma: no cover - compiled
     """Reverse of :func:`_posterior_forward` for cotangents in (.., B, T, L) layout; writes g_y, g_prec (B, T, L)
-    and accumulates the prior's adjoints (chain layout)."""
+    and accumulates the adjoints of the per-latent (A, Q, P0, G0, G) into ``g_prior``."""
+    A, Q, P0, Ad, G0, G = chains[0], chains[1], chains[2][0], chains[3], chains[4][0], chains[5]
+    gA, gQ, gP0 = np.zeros(A.shape), np.zeros(Q.shape), np.zeros(chains[2].shape)
+    gAd, gG0, gG = np.zeros(Ad.shape), np.zeros(chains[4].shape), np.zeros(G.shape)
     B, T, L = g_mean.shape
     S, C, n = noise.shape[0], B * L, D.shape[0]
     g_means = np.empty((n, T, C))
@@ -553,7 +581,7 @@ def _posterior_backward(A, Q, P0, Ad, G0, G, h, noise, y, r, eps_d, x, D, mp, Pp
                 for a in range(S):
                     g_means[1 + a, t, c] = g_draws[a, b, t, l]
     gD, gr = np.empty((n, T, C)), np.empty((T, C))
-    _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_means, g_v, g_l, gA, gQ, gP0, gD, gr)
+    _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_means, g_v, g_l, gA, gQ, gP0[0], gD, gr)
     # ... and directly; D = [ỹ, ỹ - f - √r z]; r = 1 / λ
     g_f = np.empty((T, S * C))
     for b in range(B):
@@ -570,7 +598,9 @@ def _posterior_backward(A, Q, P0, Ad, G0, G, h, noise, y, r, eps_d, x, D, mp, Pp
                     g_f[t, a * C + c] = g_draws[a, b, t, l] - gD[1 + a, t, c]
                 g_y[b, t, l] = gy
                 g_prec[b, t, l] = -grt * rt * rt
-    _draw_backward(Ad, G0, G, eps_d, h, x, g_f, gAd, gG0, gG)
+    _draw_backward(Ad, G0, G, eps_d, h, x, g_f, gAd, gG0[0], gG)
+    for k in range(6):
+        _reduce((gA, gQ, gP0, gAd, gG0, gG)[k], g_prior[(0, 1, 2, 0, 3, 4)[k]])
 
 
 # ---------------------------------------------------------------------------------------- torch wrappers
@@ -578,19 +608,6 @@ def _np(x: torch.Tensor) -> np.ndarray:
     """A float64 numpy view (a copy only if the dtype differs); layouts are fixed up in numpy, whose calls
     cost ~1 µs where torch's cost ~5-10 µs."""
     return x.detach().cpu().numpy().astype(np.float64, copy=False)
-
-
-def _to_chains(M: np.ndarray, copies: int) -> np.ndarray:
-    """Per-latent matrices (L, ..., s, s) -> contiguous chain-last (..., s, s, copies·L), chain c = copy·L + l."""
-    M = np.moveaxis(M, 0, -1)
-    return np.ascontiguousarray(np.broadcast_to(M[..., None, :], M.shape[:-1] + (copies, M.shape[-1]))
-                                ).reshape(M.shape[:-1] + (-1,))
-
-
-def _from_chains(g: np.ndarray, L: int, dtype) -> torch.Tensor:
-    """Adjoint of :func:`_to_chains`: (..., s, s, copies·L) -> (L, ..., s, s), summed over the copies."""
-    g = np.moveaxis(g.reshape(g.shape[:-1] + (-1, L)).sum(-2), -1, 0)
-    return torch.from_numpy(np.ascontiguousarray(g)).to(dtype)
 
 
 class _SitePosterior(torch.autograd.Function):
@@ -602,9 +619,9 @@ class _SitePosterior(torch.autograd.Function):
         B, T, L = mean.shape
         S, C, s = noise.shape[0], B * L, h.shape[0]
         n = S + 1
-        A_, Q_, P0_, G0_, G_, hv = (_np(x) for x in (A, Q, P0, G0, G, h))
-        chains = [_to_chains(x, B) for x in (A_, Q_, P0_)]
-        draw_chains = [_to_chains(x, S * B) for x in (A_, G0_, G_)]
+        prior = tuple(np.ascontiguousarray(_np(x)).reshape(L, -1, s, s) for x in (A, Q, P0, G0, G))
+        chains = tuple(np.empty(prior[k].shape[1:] + (copies * L,))
+                       for k, copies in zip((0, 1, 2, 0, 3, 4), (B, B, B, S * B, S * B, S * B), strict=True))
         inputs = [np.ascontiguousarray(_np(x)) for x in (mean, precision)]
         inputs += [np.ascontiguousarray(_np(eps)).reshape(T, S, C, s), np.ascontiguousarray(_np(noise)).reshape(S, C, T)]
         work = [np.empty((T, C)), np.empty((T, C)), np.empty((T, s, S * C)), np.empty((T, s, S * C)),
@@ -613,29 +630,28 @@ class _SitePosterior(torch.autograd.Function):
                  np.empty((T, s, s, C)), np.empty((T, s, s, C)), np.empty((n, T, s, C)), np.empty((T, s, s, C))]
         ll, hm, hvar = np.empty(C), np.empty((n, T, C)), np.empty((T, C))
         outs = [np.empty((B, T, L)), np.empty((B, T, L)), np.empty(B), np.empty(B), np.empty((S, B, T, L))]
-        if _posterior_forward(*chains, *draw_chains, hv, *inputs, *work, *state, ll, hm, hvar, *outs):
+        hv = _np(h)
+        if _posterior_forward(prior, chains, hv, *inputs, *work, *state, ll, hm, hvar, *outs):
             raise NotPositiveDefinite("a predictive covariance is not positive definite")
-        ctx.saved = (chains, draw_chains, hv, inputs[3], work, state, hm, hvar)
-        ctx.dims = (B, T, L, S, mean.dtype)
+        ctx.saved = (chains, hv, inputs[3], work, state, hm, hvar)
+        ctx.dims = (B, T, L, S, mean.dtype, [x.shape for x in (A, Q, P0, G0, G)])
         return tuple(torch.from_numpy(o).to(mean.dtype) for o in outs)
 
     @staticmethod
     def backward(ctx, g_mean, g_var, g_kl, g_log_z, g_draws):
-        chains, draw_chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
-        B, T, L, S, dtype = ctx.dims
+        chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
+        B, T, L, S, dtype, shapes = ctx.dims
+        s = hv.shape[0]
 
         def arr(g, shape):  # a contiguous float64 cotangent (zeros if the output was unused)
             return np.zeros(shape) if g is None else np.ascontiguousarray(_np(g))
-        grads = [np.zeros(a.shape) for a in chains + draw_chains]
+        g_prior = tuple(np.zeros((L, math.prod(sh[1:-2]), s, s)) for sh in shapes)  # (L, T_, s, s) each
         g_y, g_prec = np.empty((B, T, L)), np.empty((B, T, L))
-        _posterior_backward(*chains, *draw_chains, hv, noise, y, r, eps_d, x, D, *state, hm, hvar,
+        _posterior_backward(chains, hv, noise, y, r, eps_d, x, D, *state, hm, hvar,
                             arr(g_mean, (B, T, L)), arr(g_var, (B, T, L)), arr(g_kl, (B,)), arr(g_log_z, (B,)),
-                            arr(g_draws, (S, B, T, L)), *grads, g_y, g_prec)
-        gA, gQ, gP0, gA_d, gG0, gG = grads
-        gA += gA_d.reshape(gA.shape[:-1] + (S, -1)).sum(-2)
-        return (_from_chains(gA, L, dtype), _from_chains(gQ, L, dtype), _from_chains(gP0, L, dtype),
-                _from_chains(gG0, L, dtype), _from_chains(gG, L, dtype), None,
-                torch.from_numpy(g_y).to(dtype), torch.from_numpy(g_prec).to(dtype), None, None)
+                            arr(g_draws, (S, B, T, L)), g_prior, g_y, g_prec)
+        grads = [torch.from_numpy(g.reshape(sh)).to(dtype) for g, sh in zip(g_prior, shapes, strict=True)]
+        return (*grads, None, torch.from_numpy(g_y).to(dtype), torch.from_numpy(g_prec).to(dtype), None, None)
 
 
 def site_posterior_and_samples(A, Q, P0, G0, G, h, mean, precision, eps, noise):
