@@ -9,7 +9,6 @@ from latentgp.variational.amortised import (
     markov_prior,
     posterior_and_samples,
 )
-from latentgp.variational.cvi import process_noise_factors
 
 L, B, T = 2, 3, 11
 DT = torch.float64
@@ -112,9 +111,7 @@ def test_fallback_to_the_scans_draws_the_same_numbers():
     bad_P0 = -prior.P0  # negative definite: the first predictive covariance fails the check
     eps, noise = torch.randn(T, 1, B, L * 2, 1, dtype=DT), torch.randn(1, B, L, T, 1, dtype=DT)
     with pytest.raises(NotPositiveDefinite):
-        site_posterior_and_samples(prior.A, prior.Q, bad_P0, torch.linalg.cholesky(prior.P0),
-                                   process_noise_factors(prior.Q), prior.H[0], mean, prec, eps, noise)
+        site_posterior_and_samples(prior.A, prior.Q, bad_P0, prior.H[0], mean, prec, eps, noise)
     with pytest.raises(ValueError, match="`h`"):
-        site_posterior_and_samples(prior.A, prior.Q, prior.P0, torch.linalg.cholesky(prior.P0),
-                                   process_noise_factors(prior.Q), prior.H[0].clone().requires_grad_(True),
-                                   mean, prec, eps, noise)
+        site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].clone().requires_grad_(True), mean, prec,
+                                   eps, noise)

@@ -507,19 +507,92 @@ def _reduce(g, out):  # pragma: no cover - compiled; adjoint of _expand: out (L,
                     out[c % L, t, i, j] += g[t, i, j, c]
 
 
+# ------------------------------------------------------------------ noise factors (Cholesky) and adjoint
+@jit
+def _cholesky(S, jitter, out):  # pragma: no cover - compiled; out = chol(S + jitter I) (lower); False if not PD
+    s = S.shape[0]
+    for j in range(s):
+        d = S[j, j] + jitter
+        for q in range(j):
+            d -= out[j, q] * out[j, q]
+        if not d > 0.0:
+            return False
+        out[j, j] = math.sqrt(d)
+        for i in range(s):
+            if i > j:
+                acc = 0.5 * (S[i, j] + S[j, i])
+                for q in range(j):
+                    acc -= out[i, q] * out[j, q]
+                out[i, j] = acc / out[j, j]
+            elif i < j:
+                out[i, j] = 0.0
+    return True
+
+
+@jit
+def _factors(Q, P0, G, G0):  # pragma: no cover - compiled
+    """G0 = chol P0 and G = chol(Q + 1e-12 max|diag Q| I) per latent (and step), the factors (and jitter) of
+    :func:`latentgp.variational.cvi.process_noise_factors`. Q, G (L, T_, s, s); P0, G0 (L, 1, s, s)."""
+    for l in range(Q.shape[0]):
+        if not _cholesky(P0[l, 0], 0.0, G0[l, 0]):
+            return False
+        for t in range(Q.shape[1]):
+            scale = 0.0
+            for i in range(Q.shape[2]):
+                scale = max(scale, abs(Q[l, t, i, i]))
+            if not _cholesky(Q[l, t], 1e-12 * scale + 1e-300, G[l, t]):
+                return False
+    return True
+
+
+@jit
+def _cholesky_adjoint(G, gG, gS):  # pragma: no cover - compiled
+    """gS += the gradient with respect to S (symmetric) of ⟨gG, chol S⟩ at G = chol S:
+    ½ (X + Xᵀ), X = G⁻ᵀ Φ(Gᵀ gG) G⁻¹, Φ = lower triangle with the diagonal halved."""
+    s = G.shape[0]
+    inv = np.zeros((s, s))  # G⁻¹ (lower triangular)
+    for k in range(s):
+        for i in range(k, s):
+            acc = 1.0 if i == k else 0.0
+            for q in range(k, i):
+                acc -= G[i, q] * inv[q, k]
+            inv[i, k] = acc / G[i, i]
+    phi = np.zeros((s, s))
+    for i in range(s):
+        for j in range(i + 1):
+            acc = 0.0
+            for q in range(s):
+                acc += G[q, i] * gG[q, j]
+            phi[i, j] = 0.5 * acc if i == j else acc
+    X = np.zeros((s, s))
+    for i in range(s):
+        for j in range(s):
+            acc = 0.0
+            for p in range(s):
+                for q in range(s):
+                    acc += inv[p, i] * phi[p, q] * inv[q, j]
+            X[i, j] = acc
+    for i in range(s):
+        for j in range(s):
+            gS[i, j] += 0.5 * (X[i, j] + X[j, i])
+
+
 # ---------------------------------------------------------------------------- drivers: layout, KL, Matheron
 @jit
-def _posterior_forward(prior, chains, h, mean, prec, eps, noise, y, r, eps_d, x, f, D,
+def _posterior_forward(prior, G0, G, chains, h, mean, prec, eps, noise, y, r, eps_d, x, f, D,
                        mp, Pp, mf, Pf, W, J, ms, Ps, ll, hm, hv,
                        out_mean, out_var, out_kl, out_ll, out_draws):  # pragma: no cover - compiled
     """Sites (B, T, L) -> chains; prior draws; smoother; KL, log Z and draws back in (.., B, T, L) layout.
-    ``prior`` = per-latent (A, Q, P0, G0, G) as (L, T_, s, s) arrays, copied into ``chains`` (A, Q, P0 for the
-    B·L smoother chains, A, G0, G for the S·B·L draw chains). eps (T, S, C, s), noise (S, C, T): the standard
-    normals. Returns 1 if a covariance is not PD."""
+    ``prior`` = per-latent (A, Q, P0) as (L, T_, s, s) arrays; their noise factors are written to G0, G and
+    everything is copied into ``chains`` (A, Q, P0 for the B·L smoother chains, A, G0, G for the S·B·L draw
+    chains). eps (T, S, C, s), noise (S, C, T): the standard normals. Returns 1 if a covariance is not PD."""
     B, T, L = mean.shape
     S, s, C = noise.shape[0], h.shape[0], B * L
+    if not _factors(prior[1], prior[2], G, G0):
+        return 1
+    full = (prior[0], prior[1], prior[2], G0, G)
     for k in range(6):
-        _expand(prior[(0, 1, 2, 0, 3, 4)[k]], chains[k])
+        _expand(full[(0, 1, 2, 0, 3, 4)[k]], chains[k])
     A, Q, P0, Ad, G0, G = chains[0], chains[1], chains[2][0], chains[3], chains[4][0], chains[5]
     for b in range(B):
         for t in range(T):
@@ -558,10 +631,10 @@ def _posterior_forward(prior, chains, h, mean, prec, eps, noise, y, r, eps_d, x,
 
 
 @jit
-def _posterior_backward(chains, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, J, ms, Ps, hm, hv,
+def _posterior_backward(F0, F, chains, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, J, ms, Ps, hm, hv,
                         g_mean, g_var, g_kl, g_ll, g_draws, g_prior, g_y, g_prec):  # pragma: no cover - compiled
     """Reverse of :func:`_posterior_forward` for cotangents in (.., B, T, L) layout; writes g_y, g_prec (B, T, L)
-    and accumulates the adjoints of the per-latent (A, Q, P0, G0, G) into ``g_prior``."""
+    and accumulates the adjoints of the per-latent (A, Q, P0) into ``g_prior``; F0, F: the noise factors."""
     A, Q, P0, Ad, G0, G = chains[0], chains[1], chains[2][0], chains[3], chains[4][0], chains[5]
     gA, gQ, gP0 = np.zeros(A.shape), np.zeros(Q.shape), np.zeros(chains[2].shape)
     gAd, gG0, gG = np.zeros(Ad.shape), np.zeros(chains[4].shape), np.zeros(G.shape)
@@ -599,8 +672,14 @@ def _posterior_backward(chains, h, noise, y, r, eps_d, x, D, mp, Pp, mf, Pf, W, 
                 g_y[b, t, l] = gy
                 g_prec[b, t, l] = -grt * rt * rt
     _draw_backward(Ad, G0, G, eps_d, h, x, g_f, gAd, gG0[0], gG)
+    g_F0, g_F = np.zeros(F0.shape), np.zeros(F.shape)
+    g_full = (g_prior[0], g_prior[1], g_prior[2], g_F0, g_F)
     for k in range(6):
-        _reduce((gA, gQ, gP0, gAd, gG0, gG)[k], g_prior[(0, 1, 2, 0, 3, 4)[k]])
+        _reduce((gA, gQ, gP0, gAd, gG0, gG)[k], g_full[(0, 1, 2, 0, 3, 4)[k]])
+    for l in range(F.shape[0]):  # through the noise factors F0 = chol P0, F = chol Q
+        _cholesky_adjoint(F0[l, 0], g_F0[l, 0], g_prior[2][l, 0])
+        for t in range(F.shape[1]):
+            _cholesky_adjoint(F[l, t], g_F[l, t], g_prior[1][l, t])
 
 
 # ---------------------------------------------------------------------------------------- torch wrappers
@@ -615,13 +694,15 @@ class _SitePosterior(torch.autograd.Function):
     chain a·C + c of the prior-draw kernel."""
 
     @staticmethod
-    def forward(ctx, A, Q, P0, G0, G, h, mean, precision, eps, noise):
+    def forward(ctx, A, Q, P0, h, mean, precision, eps, noise):
         B, T, L = mean.shape
         S, C, s = noise.shape[0], B * L, h.shape[0]
         n = S + 1
-        prior = tuple(np.ascontiguousarray(_np(x)).reshape(L, -1, s, s) for x in (A, Q, P0, G0, G))
-        chains = tuple(np.empty(prior[k].shape[1:] + (copies * L,))
-                       for k, copies in zip((0, 1, 2, 0, 3, 4), (B, B, B, S * B, S * B, S * B), strict=True))
+        prior = tuple(np.ascontiguousarray(_np(x)).reshape(L, -1, s, s) for x in (A, Q, P0))
+        G0, G = np.empty(prior[2].shape), np.empty(prior[1].shape)
+        chains = tuple(np.empty(shape[1:] + (copies * L,)) for shape, copies in zip(
+            (prior[0].shape, prior[1].shape, prior[2].shape, prior[0].shape, G0.shape, G.shape),
+            (B, B, B, S * B, S * B, S * B), strict=True))
         inputs = [np.ascontiguousarray(_np(x)) for x in (mean, precision)]
         inputs += [np.ascontiguousarray(_np(eps)).reshape(T, S, C, s), np.ascontiguousarray(_np(noise)).reshape(S, C, T)]
         work = [np.empty((T, C)), np.empty((T, C)), np.empty((T, s, S * C)), np.empty((T, s, S * C)),
@@ -631,15 +712,15 @@ class _SitePosterior(torch.autograd.Function):
         ll, hm, hvar = np.empty(C), np.empty((n, T, C)), np.empty((T, C))
         outs = [np.empty((B, T, L)), np.empty((B, T, L)), np.empty(B), np.empty(B), np.empty((S, B, T, L))]
         hv = _np(h)
-        if _posterior_forward(prior, chains, hv, *inputs, *work, *state, ll, hm, hvar, *outs):
-            raise NotPositiveDefinite("a predictive covariance is not positive definite")
-        ctx.saved = (chains, hv, inputs[3], work, state, hm, hvar)
-        ctx.dims = (B, T, L, S, mean.dtype, [x.shape for x in (A, Q, P0, G0, G)])
+        if _posterior_forward(prior, G0, G, chains, hv, *inputs, *work, *state, ll, hm, hvar, *outs):
+            raise NotPositiveDefinite("a predictive or noise covariance is not positive definite")
+        ctx.saved = (G0, G, chains, hv, inputs[3], work, state, hm, hvar)
+        ctx.dims = (B, T, L, S, mean.dtype, [x.shape for x in (A, Q, P0)])
         return tuple(torch.from_numpy(o).to(mean.dtype) for o in outs)
 
     @staticmethod
     def backward(ctx, g_mean, g_var, g_kl, g_log_z, g_draws):
-        chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
+        G0, G, chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
         B, T, L, S, dtype, shapes = ctx.dims
         s = hv.shape[0]
 
@@ -647,23 +728,24 @@ class _SitePosterior(torch.autograd.Function):
             return np.zeros(shape) if g is None else np.ascontiguousarray(_np(g))
         g_prior = tuple(np.zeros((L, math.prod(sh[1:-2]), s, s)) for sh in shapes)  # (L, T_, s, s) each
         g_y, g_prec = np.empty((B, T, L)), np.empty((B, T, L))
-        _posterior_backward(chains, hv, noise, y, r, eps_d, x, D, *state, hm, hvar,
+        _posterior_backward(G0, G, chains, hv, noise, y, r, eps_d, x, D, *state, hm, hvar,
                             arr(g_mean, (B, T, L)), arr(g_var, (B, T, L)), arr(g_kl, (B,)), arr(g_log_z, (B,)),
                             arr(g_draws, (S, B, T, L)), g_prior, g_y, g_prec)
         grads = [torch.from_numpy(g.reshape(sh)).to(dtype) for g, sh in zip(g_prior, shapes, strict=True)]
         return (*grads, None, torch.from_numpy(g_y).to(dtype), torch.from_numpy(g_prec).to(dtype), None, None)
 
 
-def site_posterior_and_samples(A, Q, P0, G0, G, h, mean, precision, eps, noise):
+def site_posterior_and_samples(A, Q, P0, h, mean, precision, eps, noise):
     """Posterior q = prior x sites for every (sequence b, latent l) chain, its KL to the prior and Matheron draws.
 
     Prior per latent l: A, Q (L, T|1, s, s) (index 0 of a length-T time axis is not used), P0 (L, s, s),
-    factors G0 = chol P0, G = chol Q (like A), observation row h (s,) (no gradient); sites ``mean``,
-    ``precision`` (B, T, L); standard normals ``eps`` (T, S, B, L·s, ...) for the prior path draws and ``noise``
+    observation row h (s,) (no gradient); sites ``mean``, ``precision`` (B, T, L); standard normals ``eps``
+    (T, S, B, L·s, ...) for the prior path draws x_t = A_t x_{t-1} + chol(Q_t) ε_t (x_0 = chol(P0) ε_0; Q gets
+    the 1e-12 relative jitter of :func:`~latentgp.variational.cvi.process_noise_factors`) and ``noise``
     (S, B, L, T, ...) for the site noise. Returns posterior means and marginal variances (B, T, L), KL(q ‖ p)
     and log Z summed over latents (B,), and the draws (S, B, T, L) f_prior + E_smoother[ỹ - f_prior - e],
-    all differentiable in A, Q, P0, G0, G, mean and precision by the compiled reverse pass. Raises
-    :class:`NotPositiveDefinite` (a LinAlgError) if a predictive covariance is not positive definite."""
+    all differentiable in A, Q, P0, mean and precision by the compiled reverse pass. Raises
+    :class:`NotPositiveDefinite` (a LinAlgError) if a predictive or noise covariance is not positive definite."""
     if h.requires_grad:
         raise ValueError("`h`: the observation row must not require a gradient.")
-    return _SitePosterior.apply(A, Q, P0, G0, G, h, mean, precision, eps, noise)
+    return _SitePosterior.apply(A, Q, P0, h, mean, precision, eps, noise)

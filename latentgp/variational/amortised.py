@@ -30,7 +30,6 @@ from ..linalg.kalman import kalman_smoother
 from .cvi import (
     Sites,
     latent_marginals,
-    process_noise_factors,
     sample_prior_states,
     site_expected_log,
     site_posterior,
@@ -139,9 +138,8 @@ def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, preci
     eps = torch.randn(T, num_samples, B, L * s, 1, dtype=mean.dtype, generator=generator)
     noise = torch.randn(num_samples, B, L, T, 1, dtype=mean.dtype, generator=generator)
     try:
-        m, var, kl, log_z, draws = site_posterior_and_samples(
-            prior.A, prior.Q, prior.P0, torch.linalg.cholesky(prior.P0), process_noise_factors(prior.Q),
-            prior.H[0].detach(), mean, precision, eps, noise)
+        m, var, kl, log_z, draws = site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].detach(),
+                                                              mean, precision, eps, noise)
     except NotPositiveDefinite:
         return None
     return MarkovPosterior(m, var, kl, log_z), draws
