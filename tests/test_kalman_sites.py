@@ -7,6 +7,7 @@ from latentgp.linalg.kalman_sites import NotPositiveDefinite, site_posterior_and
 from latentgp.variational.amortised import (
     compiled_posterior_and_samples,
     markov_prior,
+    matheron_normals,
     posterior_and_samples,
 )
 
@@ -56,7 +57,7 @@ def test_posterior_kl_and_gradients_match_dense_twin(nu, grid):
     kernel = make_kernel(nu)
     prior = markov_prior(kernel, times)
     assert prior.A.shape[1] == (1 if grid == "regular" else T)  # regular grids use one time-invariant (A, Q)
-    post, _ = compiled_posterior_and_samples(prior, mean, prec, 1)
+    post, _ = compiled_posterior_and_samples(prior, mean, prec, matheron_normals(prior, B, 1))
     m, var, kl, log_z = dense_posterior(kernel, times, mean, prec)
     for got, want in ((post.mean, m), (post.var, var), (post.kl, kl), (post.log_z, log_z)):
         assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
@@ -98,7 +99,7 @@ def test_fallback_to_the_scans_draws_the_same_numbers():
     prior = markov_prior(make_kernel(1.5), times)
     zero = prec.detach().clone()
     zero[0, 3, 1] = 0.0
-    assert compiled_posterior_and_samples(prior, mean, zero, 2) is None
+    assert compiled_posterior_and_samples(prior, mean, zero, matheron_normals(prior, B, 2)) is None
     a = posterior_and_samples(prior, mean, zero, 2, torch.Generator().manual_seed(3))
     b = posterior_and_samples(prior, mean, zero, 2, torch.Generator().manual_seed(3), compiled=False)
     assert torch.equal(a[1], b[1]) and torch.isfinite(a[1]).all()

@@ -27,7 +27,11 @@ import math
 import numpy as np
 import torch
 
-from .kalman_compiled import jit
+import numba
+
+# error_model="numpy": division by zero gives inf/nan instead of raising, so numba need not check every
+# division in the per-chain loops and can vectorise them (the PD checks reject such inputs before)
+jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 LOG2PI = math.log(2.0 * math.pi)
 

@@ -119,44 +119,52 @@ def sample_markov_posterior(prior: MarkovPrior, sites: Sites, num_samples: int, 
     return markov_posterior_and_samples(prior, sites, num_samples, generator)[1]
 
 
-def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, precision: torch.Tensor,
-                                   num_samples: int, generator=None):
-    """:func:`markov_posterior_and_samples` for sites ``mean``, ``precision`` (B, T, L) through the compiled
-    smoother with its hand-written reverse pass (:mod:`latentgp.linalg.kalman_sites`): the same numbers and the
-    same random draws, without the scans' per-call overhead forwards and backwards. None if it does not apply
-    (a site precision that is not positive and finite, numba missing, or a predictive covariance that is not
-    numerically positive definite); the caller then uses the scans."""
+def matheron_normals(prior: MarkovPrior, batch: int, num_samples: int, generator=None):
+    """The standard normals of ``num_samples`` Matheron draws for ``batch`` sequences: ``eps`` (T, S, B, L·s, 1)
+    for the joint prior state paths and ``noise`` (S, B, L, T, 1) for the site noise.
+
+    Drawn in float32 and cast: torch's float64 normal sampler is ~6x slower on CPU, and at long T these draws
+    were a noticeable part of a training step; they are Monte-Carlo noise, for which 24-bit normals suffice."""
+    L, T, s = prior.A.shape[0], prior.n_steps, prior.A.shape[-1]
+    eps = torch.randn(T, num_samples, batch, L * s, 1, generator=generator, dtype=torch.float32)
+    noise = torch.randn(num_samples, batch, L, T, 1, generator=generator, dtype=torch.float32)
+    return eps.to(prior.A.dtype), noise.to(prior.A.dtype)
+
+
+def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, precision: torch.Tensor, normals):
+    """:func:`markov_posterior_and_samples` for sites ``mean``, ``precision`` (B, T, L) and the standard normals
+    ``normals`` = (eps, noise) of :func:`matheron_normals`, through the compiled smoother with its hand-written
+    reverse pass (:mod:`latentgp.linalg.kalman_sites`): the same numbers, without the scans' per-call overhead
+    forwards and backwards. None if it does not apply (a site precision that is not positive and finite, numba
+    missing, or a covariance that is not numerically positive definite); the caller then uses the scans."""
     try:
         from ..linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
     if not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
         return None
-    B, T, L = mean.shape
-    s = prior.A.shape[-1]
-    # the same standard normals, in the same order, as the joint-state draws of the scan path
-    eps = torch.randn(T, num_samples, B, L * s, 1, dtype=mean.dtype, generator=generator)
-    noise = torch.randn(num_samples, B, L, T, 1, dtype=mean.dtype, generator=generator)
     try:
         m, var, kl, log_z, draws = site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].detach(),
-                                                              mean, precision, eps, noise)
+                                                              mean, precision, *normals)
     except NotPositiveDefinite:
         return None
     return MarkovPosterior(m, var, kl, log_z), draws
 
 
-def markov_posterior_and_samples(prior: MarkovPrior, sites: Sites, num_samples: int, generator=None):
+def markov_posterior_and_samples(prior: MarkovPrior, sites: Sites, num_samples: int, generator=None,
+                                 normals=None):
     """:func:`markov_posterior` and ``num_samples`` Matheron draws from one Kalman smoother call.
 
     The smoother's gain does not depend on its data, so the pseudo-observations ỹ and the Matheron
     residuals ỹ - z_prior - e are smoothed as one batch (1 + num_samples, B, L): the scans cost per call,
-    not per batch entry, at these sizes. Returns (MarkovPosterior, draws (num_samples, B, T, L))."""
+    not per batch entry, at these sizes. ``normals``: the (eps, noise) of :func:`matheron_normals` (drawn from
+    ``generator`` if None). Returns (MarkovPosterior, draws (num_samples, B, T, L))."""
     y_site, R_site, mask = sites.pseudo_observations()  # (B, L, T, 1), (B, L, T, 1, 1), (B, L, T)
     B, L, T = mask.shape
+    eps, noise = matheron_normals(prior, B, num_samples, generator) if normals is None else normals
     A, Q, P0, H = prior.joint
-    f_prior = sample_prior_states(A, Q, P0, (num_samples, B), generator) @ H.T  # (S, B, T, L)
+    f_prior = sample_prior_states(A, Q, P0, (num_samples, B), noise=eps.squeeze(-1).movedim(0, -2)) @ H.T
     f_prior = f_prior.transpose(-1, -2).unsqueeze(-1)  # (S, B, L, T, 1)
-    noise = torch.randn(f_prior.shape, dtype=f_prior.dtype, generator=generator)
     e = R_site.squeeze(-1).sqrt() * noise
     resid = torch.where(mask.unsqueeze(-1), y_site - f_prior - e, torch.zeros_like(f_prior))
     data = torch.cat((torch.where(mask.unsqueeze(-1), y_site, torch.zeros_like(y_site)).unsqueeze(0), resid), 0)
@@ -190,19 +198,17 @@ def posterior_and_samples(prior, mean: torch.Tensor, precision: torch.Tensor, nu
     by the dense or the Kalman computation according to the type of ``prior`` (:func:`gp_prior`). Both are
     exact; the dense posterior's ``var`` is None (it would cost an extra T³ product per sequence). The Kalman
     computation runs compiled (:func:`compiled_posterior_and_samples`) unless ``compiled=False`` or it does not
-    apply; the scans then give the same numbers from the same random draws."""
+    apply; the scans then give the same numbers from the same standard normals."""
     from .amortised_dense import DensePrior, dense_posterior_and_samples
 
     if isinstance(prior, DensePrior):
         return dense_posterior_and_samples(prior, mean, precision, num_samples, generator)
+    normals = matheron_normals(prior, mean.shape[0], num_samples, generator)
     if compiled:
-        rng = torch.random.default_generator if generator is None else generator
-        state = rng.get_state()
-        out = compiled_posterior_and_samples(prior, mean, precision, num_samples, generator)
+        out = compiled_posterior_and_samples(prior, mean, precision, normals)
         if out is not None:
             return out
-        rng.set_state(state)  # the scans draw the same numbers
-    return markov_posterior_and_samples(prior, diagonal_sites(mean, precision), num_samples, generator)
+    return markov_posterior_and_samples(prior, diagonal_sites(mean, precision), num_samples, normals=normals)
 
 
 # --------------------------------------------------------------------------------------------------
