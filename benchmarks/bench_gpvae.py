@@ -129,7 +129,7 @@ def step_costs(repeats: int, cases) -> list[dict]:
         if T <= 128:
             dense = GPVAE(3, dense_max=T).fit(Y, steps=0, progress=False, seed=0)
             fns["dense"] = _train_step(dense, dense._train, per_call=per_call)
-        t = time_interleaved(fns, repeats=repeats if T <= 1000 else max(3, repeats // 3))
+        t = time_interleaved(fns, repeats=repeats if T <= 1000 else max(5, repeats // 2))
         row = {"what": f"step, batch {batch} x T={T}, D=20, L=3", "GPVAE ms": 1e3 * median(t["gp"]) / per_call,
                "plain VAE ms": 1e3 * median(t["plain"]) / per_call, "GPVAE / plain": paired_ratio(t["gp"], t["plain"])}
         if "dense" in t:

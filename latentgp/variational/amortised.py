@@ -10,7 +10,9 @@ representations of the GP prior are provided:
 
 * time domain, state space (:func:`markov_posterior`): one Kalman smoothing pass per latent, O(T),
   through :func:`latentgp.variational.cvi.site_posterior`. log Z is the Kalman log-likelihood of the
-  pseudo-observations. Draws from q by Matheron's rule (:func:`sample_markov_posterior`).
+  pseudo-observations. Draws from q by Matheron's rule (:func:`sample_markov_posterior`). In training
+  (:func:`posterior_and_samples`) the pass, the KL and the draws run compiled with a hand-written reverse
+  pass (:mod:`latentgp.linalg.kalman_sites`); the differentiable scans are the fallback and the twin.
 * Fourier domain (:func:`fourier_posterior`, MM-GPVAE): z_l(t) = Σ_m Φ_m(t) a_lm with a real Fourier
   basis of period P and independent a_lm ~ N(0, d_lm), d from the kernel's spectral density. q(a) is
   computed in whitened coordinates u = a / √d, where the posterior precision I + √d Φᵀ Λ Φ √d has
@@ -18,8 +20,8 @@ representations of the GP prior are provided:
 """
 from __future__ import annotations
 
-import math
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
