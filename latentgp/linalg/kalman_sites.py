@@ -15,19 +15,22 @@ backwards, which is most of a step. Here the textbook recursions run compiled pe
 
 O(T s³) per chain in both directions, no Python loop. Arrays are laid out chain-last, (..., C) with C =
 sequences x latents, so every elementary operation is a loop over all chains at once (vectorised by the
-compiler; the s x s loops are tiny). Prior path draws x_t = A_t x_{t-1} + G_t ε_t (for Matheron's rule) get
-the same treatment (:func:`prior_draws`). Only scalar sites with 0 < r < ∞ and a
-constant observation row h; :mod:`latentgp.variational.amortised` falls back to the scans otherwise, and
-when a predictive covariance is not numerically positive definite (the scans' jitter policy handles it).
+compiler; the s x s loops are tiny, and unrolled for s = 2). The prior path draws of Matheron's rule,
+x_t = A_t x_{t-1} + chol(Q_t) ε_t, their noise factors, the KL and the layout changes get the same treatment:
+one compiled call forwards and one backwards (:func:`site_posterior_and_samples`). Only scalar sites with
+0 < r < ∞ and a constant observation row h; :mod:`latentgp.variational.amortised` falls back to the scans
+otherwise, and when a covariance is not numerically positive definite (the scans' jitter policy handles it).
+The first call after an install compiles for ~25 s; the machine code is cached next to this file.
 """
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import torch
 
-import numba
+from .kalman_compiled import cho_solve, cholesky
 
 # error_model="numpy": division by zero gives inf/nan instead of raising, so numba need not check every
 # division in the per-chain loops and can vectorise them (the PD checks reject such inputs before)
@@ -37,7 +40,7 @@ LOG2PI = math.log(2.0 * math.pi)
 
 
 class NotPositiveDefinite(np.linalg.LinAlgError):
-    """A predictive covariance of the compiled recursion is not positive definite (callers fall back)."""
+    """A covariance of the compiled recursion is not positive definite (callers fall back to the scans)."""
 
 
 # ------------------------------------------------------------------------------- small chain-last kernels
@@ -94,7 +97,7 @@ def _acc(out, X, alpha):  # pragma: no cover - compiled; out += alpha X for (row
 
 
 @jit
-def _inverse(P, W, Lc, B):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, c]^{-1}; False if not PD
+def _inverse(P, W, Lc):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, c]^{-1}; False if not PD
     s, C = P.shape[0], P.shape[2]
     if s == 1:
         for c in range(C):
@@ -112,32 +115,18 @@ def _inverse(P, W, Lc, B):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, 
             W[1, 1, c] = a / det
             W[0, 1, c] = W[1, 0, c] = -b / det
         return True
-    for c in range(C):  # Cholesky, then solve Lc Lcᵀ w = e_k column by column
-        for j in range(s):
-            d = P[j, j, c]
-            for q in range(j):
-                d -= Lc[j, q] * Lc[j, q]
-            if not d > 0.0:
-                return False
-            Lc[j, j] = math.sqrt(d)
-            for i in range(j + 1, s):
-                acc = P[i, j, c]
-                for q in range(j):
-                    acc -= Lc[i, q] * Lc[j, q]
-                Lc[i, j] = acc / Lc[j, j]
-        for k in range(s):
-            for i in range(s):
-                acc = 1.0 if i == k else 0.0
-                for q in range(i):
-                    acc -= Lc[i, q] * B[q]
-                B[i] = acc / Lc[i, i]
-            for i in range(s - 1, -1, -1):
-                acc = B[i]
-                for q in range(i + 1, s):
-                    acc -= Lc[q, i] * B[q]
-                B[i] = acc / Lc[i, i]
-            for i in range(s):
-                W[i, k, c] = B[i]
+    Pc, Wc = np.empty((s, s)), np.empty((s, s))
+    for c in range(C):  # Cholesky, then W = P^{-1} by two triangular solves
+        for i in range(s):
+            for j in range(s):
+                Pc[i, j] = P[i, j, c]
+                Wc[i, j] = 1.0 if i == j else 0.0
+        if not cholesky(Pc, Lc):
+            return False
+        cho_solve(Lc, Wc)
+        for i in range(s):
+            for j in range(s):
+                W[i, j, c] = Wc[i, j]
     return True
 
 
@@ -159,7 +148,6 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar): 
     M = np.empty((s, s, C))
     Dl = np.empty((s, s, C))
     Lc = np.empty((s, s))
-    Bv = np.empty(s)
     ll[:] = 0.0
     for t in range(T):
         if t == 0:
@@ -221,7 +209,7 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar): 
     ms[:, T - 1] = mf[:, T - 1]
     Ps[T - 1] = Pf[T - 1]
     for t in range(T - 2, -1, -1):
-        if not _inverse(Pp[t + 1], W[t + 1], Lc, Bv):
+        if not _inverse(Pp[t + 1], W[t + 1], Lc):
             return 1
         _mm(Pf[t], A[min(t + 1, TA - 1)], AP, False, True)
         _mm(AP, W[t + 1], J[t], False, False)
@@ -513,38 +501,22 @@ def _reduce(g, out):  # pragma: no cover - compiled; adjoint of _expand: out (L,
 
 # ------------------------------------------------------------------ noise factors (Cholesky) and adjoint
 @jit
-def _cholesky(S, jitter, out):  # pragma: no cover - compiled; out = chol(S + jitter I) (lower); False if not PD
-    s = S.shape[0]
-    for j in range(s):
-        d = S[j, j] + jitter
-        for q in range(j):
-            d -= out[j, q] * out[j, q]
-        if not d > 0.0:
-            return False
-        out[j, j] = math.sqrt(d)
-        for i in range(s):
-            if i > j:
-                acc = 0.5 * (S[i, j] + S[j, i])
-                for q in range(j):
-                    acc -= out[i, q] * out[j, q]
-                out[i, j] = acc / out[j, j]
-            elif i < j:
-                out[i, j] = 0.0
-    return True
-
-
-@jit
 def _factors(Q, P0, G, G0):  # pragma: no cover - compiled
     """G0 = chol P0 and G = chol(Q + 1e-12 max|diag Q| I) per latent (and step), the factors (and jitter) of
     :func:`latentgp.variational.cvi.process_noise_factors`. Q, G (L, T_, s, s); P0, G0 (L, 1, s, s)."""
+    s = Q.shape[2]
+    Qj = np.empty((s, s))
     for l in range(Q.shape[0]):
-        if not _cholesky(P0[l, 0], 0.0, G0[l, 0]):
+        if not cholesky(P0[l, 0], G0[l, 0]):
             return False
         for t in range(Q.shape[1]):
             scale = 0.0
-            for i in range(Q.shape[2]):
+            for i in range(s):
                 scale = max(scale, abs(Q[l, t, i, i]))
-            if not _cholesky(Q[l, t], 1e-12 * scale + 1e-300, G[l, t]):
+            for i in range(s):
+                for j in range(s):
+                    Qj[i, j] = Q[l, t, i, j] + (1e-12 * scale + 1e-300 if i == j else 0.0)
+            if not cholesky(Qj, G[l, t]):
                 return False
     return True
 
