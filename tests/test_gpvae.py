@@ -38,7 +38,7 @@ def dense_posterior(kernel, times, mean, prec):
     Sig = torch.linalg.inv(Kinv + torch.diag_embed(lam))
     m = (Sig @ (lam * yt).unsqueeze(-1)).squeeze(-1)
     quad = (m.unsqueeze(-2) @ Kinv @ m.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    kl = 0.5 * ((Kinv * Sig).sum((-1, -2)) + quad - T + torch.logdet(K) - torch.logdet(Sig))
+    kl = 0.5 * ((Kinv * Sig).sum((-1, -2)) + quad - len(times) + torch.logdet(K) - torch.logdet(Sig))
     return m.transpose(1, 2), Sig, kl.sum(-1), K
 
 

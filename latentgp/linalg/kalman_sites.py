@@ -130,6 +130,21 @@ def _inverse(P, W, Lc):  # pragma: no cover - compiled; W[:, :, c] = P[:, :, c]^
     return True
 
 
+@jit
+def _gain(P, h, r, cv, S):  # pragma: no cover - compiled; cv = P h and S = h·P h + r per chain
+    s, C = P.shape[0], P.shape[2]
+    for c in range(C):
+        S[c] = r[c]
+    for i in range(s):
+        for c in range(C):
+            cv[i, c] = 0.0
+        for j in range(s):
+            for c in range(C):
+                cv[i, c] += P[i, j, c] * h[j]
+        for c in range(C):
+            S[c] += h[i] * cv[i, c]
+
+
 # ----------------------------------------------------------------------------------------------- forward
 @jit
 def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar):  # pragma: no cover - compiled
@@ -168,18 +183,7 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar): 
             _mm(AP, At, Pp[t], False, True)
             _acc(Pp[t], Q[min(t, Q.shape[0] - 1)], 1.0)
         P = Pp[t]
-        S[:] = r[t]
-        for i in range(s):
-            o = cv[i]
-            o[:] = 0.0
-            for j in range(s):
-                hj = h[j]
-                x = P[i, j]
-                for c in range(C):
-                    o[c] += x[c] * hj
-            hi = h[i]
-            for c in range(C):
-                S[c] += hi * o[c]
+        _gain(P, h, r[t], cv, S)
         for k in range(n):
             d = D[k, t]
             for c in range(C):
@@ -332,18 +336,7 @@ def _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_mean, g_var, g_
     # ---- filter in reverse
     for t in range(T - 1, -1, -1):
         P = Pp[t]
-        S[:] = r[t]
-        for i in range(s):
-            o = cv[i]
-            o[:] = 0.0
-            for j in range(s):
-                hj = h[j]
-                x = P[i, j]
-                for c in range(C):
-                    o[c] += x[c] * hj
-            hi = h[i]
-            for c in range(C):
-                S[c] += hi * o[c]
+        _gain(P, h, r[t], cv, S)
         for k in range(n):
             e[k] = D[k, t]
             for i in range(s):
