@@ -4,7 +4,7 @@ import torch
 from test_gpvae import dense_posterior
 
 from latentgp.kernels import Matern
-from latentgp.linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
+from latentgp.linalg.kalman_sites import NotPositiveDefinite, path_log_prob, site_posterior_and_samples
 from latentgp.variational.amortised import (
     compiled_posterior_and_samples,
     markov_prior,
@@ -112,3 +112,22 @@ def test_fallback_to_the_scans_draws_the_same_numbers():
     with pytest.raises(ValueError, match="`h`"):
         site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].clone().requires_grad_(True), mean, prec,
                                    eps, noise)
+
+
+@pytest.mark.parametrize("grid", ["regular", "irregular"])
+@pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
+def test_path_log_prob_matches_dense_gaussian(grid, nu):
+    """log p(z) of noiseless paths (Pyro's latent-site density) = the dense N(0, K) log density, with gradients
+    in the path and the lengthscales."""
+    times, mean, _, _ = make_data(grid, seed=3)
+    kernel = make_kernel(nu)
+    prior = markov_prior(kernel, times)
+    lp = path_log_prob(prior.A, prior.Q, prior.P0, prior.H[0], mean)
+    K = kernel(times[:, None]).to_dense()
+    ref = torch.distributions.MultivariateNormal(torch.zeros(T, dtype=DT), K).log_prob(mean.transpose(1, 2)).sum(-1)
+    assert torch.allclose(lp, ref, atol=1e-9, rtol=1e-10)
+    w = torch.randn(B, dtype=DT)
+    params = [mean, kernel.raw_lengthscale]
+    for a, b in zip(torch.autograd.grad((lp * w).sum(), params), torch.autograd.grad((ref * w).sum(), params),
+                    strict=True):
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-7) and b.abs().max() > 1e-3

@@ -718,3 +718,53 @@ def site_posterior_and_samples(A, Q, P0, h, mean, precision, eps, noise):
     if h.requires_grad:
         raise ValueError("`h`: the observation row must not require a gradient.")
     return _SitePosterior.apply(A, Q, P0, h, mean, precision, eps, noise)
+
+
+class _PathLogProb(torch.autograd.Function):
+    """See :func:`path_log_prob`: the filter of :func:`_forward` with r = 0 on the data column z."""
+
+    @staticmethod
+    def forward(ctx, A, Q, P0, h, z):
+        B, T, L = z.shape
+        C, s = B * L, h.shape[0]
+        prior = [np.ascontiguousarray(_np(x)).reshape(L, -1, s, s) for x in (A, Q, P0)]
+        chains = [np.empty(p.shape[1:] + (C,)) for p in prior]
+        for p, c in zip(prior, chains, strict=True):
+            _expand(p, c)
+        D = np.ascontiguousarray(_np(z).transpose(1, 0, 2)).reshape(1, T, C)
+        r = np.zeros((T, C))
+        state = [np.empty((1, T, s, C)), np.empty((T, s, s, C)), np.empty((1, T, s, C)), np.empty((T, s, s, C)),
+                 np.empty((T, s, s, C)), np.empty((T, s, s, C)), np.empty((1, T, s, C)), np.empty((T, s, s, C))]
+        ll = np.empty(C)
+        hv = _np(h)
+        if _forward(chains[0], chains[1], chains[2][0], hv, D, r, *state, ll, np.empty((1, T, C)), np.empty((T, C))):
+            raise NotPositiveDefinite("a predictive covariance is not positive definite")
+        ctx.saved = (chains, hv, D, r, state)
+        ctx.dims = (B, T, L, z.dtype, [x.shape for x in (A, Q, P0)])
+        return torch.from_numpy(ll.reshape(B, L).sum(1)).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        chains, hv, D, r, state = ctx.saved
+        B, T, L, dtype, shapes = ctx.dims
+        C, s = B * L, hv.shape[0]
+        grads = [np.zeros(c.shape) for c in chains]
+        gD, gr = np.empty(D.shape), np.empty(r.shape)
+        _backward(chains[0], chains[1], chains[2][0], hv, D, r, *state, np.zeros((1, T, C)), np.zeros((T, C)),
+                  np.repeat(_np(g), L), grads[0], grads[1], grads[2][0], gD, gr)
+        out = []
+        for gc, sh in zip(grads, shapes, strict=True):
+            gp = np.zeros((L, gc.shape[0], s, s))
+            _reduce(gc, gp)
+            out.append(torch.from_numpy(gp.reshape(sh)).to(dtype))
+        g_z = torch.from_numpy(np.ascontiguousarray(gD[0].reshape(T, B, L).transpose(1, 0, 2))).to(dtype)
+        return (*out, None, g_z)
+
+
+def path_log_prob(A, Q, P0, h, z):
+    """log p(z) (B,) of noiseless latent paths z (B, T, L), z_l(t) = h·x_t, under the per-latent state-space prior
+    A, Q (L, T|1, s, s), P0 (L, s, s) (the Kalman filter's log-likelihood with zero observation noise), compiled,
+    differentiable in A, Q, P0 and z. Raises :class:`NotPositiveDefinite` like :func:`site_posterior_and_samples`."""
+    if h.requires_grad:
+        raise ValueError("`h`: the observation row must not require a gradient.")
+    return _PathLogProb.apply(A, Q, P0, h, z)

@@ -8,7 +8,8 @@ posterior computation already returns (:class:`pyro.infer.TraceMeanField_ELBO` u
 same call that drew q's reparameterised sample: no second smoother pass, no Monte-Carlo KL.
 
 ``log_prob`` is exact as well (Pyro evaluates it on every latent site even when the KL is analytic):
-log p(z) by a noiseless Kalman filter (or the dense Cholesky of K on the dense path), and
+log p(z) by a noiseless Kalman filter (compiled, :func:`latentgp.linalg.kalman_sites.path_log_prob`; or the
+dense Cholesky of K on the dense path), and
 log q(z) = log p(z) + Σ log N(ỹ_t; z_t, 1/λ_t) - log Z, since q = p Π t / Z.
 """
 from __future__ import annotations
@@ -81,8 +82,13 @@ class GPPathPrior(_PathDistribution):
             half_logdet = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             return (-0.5 * (w * w).sum(-1) - half_logdet - 0.5 * T * math.log(2 * math.pi)).sum(-1)
         p = self.prior  # the path is the noiseless observation H x_t of the state-space model
-        R = zl.new_zeros(zl.shape[-1], 1, 1)
-        return kalman_filter(p.A, p.Q, p.H, R, zl.unsqueeze(-1), p.P0).log_likelihood.sum(-1)
+        try:  # compiled filter with its hand-written gradient (the scans' per-call overhead is most of the cost)
+            from ..linalg.kalman_sites import NotPositiveDefinite, path_log_prob
+
+            return path_log_prob(p.A, p.Q, p.P0, p.H[0].detach(), z.reshape(-1, *z.shape[-2:])).reshape(z.shape[:-2])
+        except (ImportError, NotPositiveDefinite):
+            R = zl.new_zeros(zl.shape[-1], 1, 1)
+            return kalman_filter(p.A, p.Q, p.H, R, zl.unsqueeze(-1), p.P0).log_likelihood.sum(-1)
 
 
 class AmortisedGPPosterior(_PathDistribution):
