@@ -137,13 +137,14 @@ def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, preci
     """:func:`markov_posterior_and_samples` for sites ``mean``, ``precision`` (B, T, L) and the standard normals
     ``normals`` = (eps, noise) of :func:`matheron_normals`, through the compiled smoother with its hand-written
     reverse pass (:mod:`latentgp.linalg.kalman_sites`): the same numbers, without the scans' per-call overhead
-    forwards and backwards. None if it does not apply (a site precision that is not positive and finite, numba
-    missing, or a covariance that is not numerically positive definite); the caller then uses the scans."""
+    forwards and backwards. None if it does not apply (tensors not on the CPU, a site precision that is not positive
+    and finite, numba missing, or a covariance that is not numerically positive definite); the caller then uses
+    the scans."""
     try:
         from ..linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
-    if not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
+    if mean.device.type != "cpu" or not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
         return None
     try:
         m, var, kl, log_z, draws = site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].detach(),

@@ -82,13 +82,16 @@ class GPPathPrior(_PathDistribution):
             half_logdet = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             return (-0.5 * (w * w).sum(-1) - half_logdet - 0.5 * T * math.log(2 * math.pi)).sum(-1)
         p = self.prior  # the path is the noiseless observation H x_t of the state-space model
-        try:  # compiled filter with its hand-written gradient (the scans' per-call overhead is most of the cost)
-            from ..linalg.kalman_sites import NotPositiveDefinite, path_log_prob
+        if z.device.type == "cpu":  # compiled filter, hand-written gradient (the scans' call overhead dominates)
+            try:
+                from ..linalg.kalman_sites import NotPositiveDefinite, path_log_prob
 
-            return path_log_prob(p.A, p.Q, p.P0, p.H[0].detach(), z.reshape(-1, *z.shape[-2:])).reshape(z.shape[:-2])
-        except (ImportError, NotPositiveDefinite):
-            R = zl.new_zeros(zl.shape[-1], 1, 1)
-            return kalman_filter(p.A, p.Q, p.H, R, zl.unsqueeze(-1), p.P0).log_likelihood.sum(-1)
+                flat = z.reshape(-1, *z.shape[-2:])
+                return path_log_prob(p.A, p.Q, p.P0, p.H[0].detach(), flat).reshape(z.shape[:-2])
+            except (ImportError, NotPositiveDefinite):
+                pass
+        R = zl.new_zeros(zl.shape[-1], 1, 1)
+        return kalman_filter(p.A, p.Q, p.H, R, zl.unsqueeze(-1), p.P0).log_likelihood.sum(-1)
 
 
 class AmortisedGPPosterior(_PathDistribution):
