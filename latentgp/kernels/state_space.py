@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gpytorch
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as tnf
@@ -21,6 +22,12 @@ from torch.nn import functional as tnf
 from .matern import Matern, _half_integer_order
 
 __all__ = ["StateSpaceForm", "matern_state_space", "state_space_form"]
+
+
+def _broadcast_shapes(*shapes) -> torch.Size:
+    """torch.broadcast_shapes via numpy's C implementation (torch's is Python, ~20 µs a call, and forms are
+    rebuilt in every training step); ValueError on incompatible shapes."""
+    return torch.Size(np.broadcast_shapes(*(tuple(x) for x in shapes)))
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class StateSpaceForm:
         shapes = [self.P_inf.shape[:-2], self.H.shape[:-1]]
         if self.F is not None:
             shapes.append(self.F.shape[:-2])
-        return torch.broadcast_shapes(*shapes)
+        return _broadcast_shapes(*shapes)
 
     def _as_dt(self, dt) -> Tensor:
         return torch.as_tensor(dt, dtype=self.P_inf.dtype, device=self.P_inf.device)
@@ -56,7 +63,7 @@ class StateSpaceForm:
         dt = self._as_dt(dt)
         A = self.transition_fn(dt)
         s = self.state_dim
-        batch = torch.broadcast_shapes(self.batch_shape, A.shape[:-3], dt.shape[:-1])
+        batch = _broadcast_shapes(self.batch_shape, A.shape[:-3], dt.shape[:-1])
         return A.expand(*batch, A.shape[-3], s, s)
 
     def process_noise(self, dt) -> Tensor:
@@ -177,7 +184,7 @@ def matern_state_space(nu: float, lengthscale) -> StateSpaceForm:
 
 def _block_diag(mats: list[Tensor]) -> Tensor:
     """Batched block-diagonal of square matrices (torch.block_diag has no batch support)."""
-    batch = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
+    batch = _broadcast_shapes(*(m.shape[:-2] for m in mats))
     sizes = [m.shape[-1] for m in mats]
     total, rows, start = sum(sizes), [], 0
     for m, s in zip(mats, sizes, strict=True):
@@ -199,7 +206,7 @@ def _kron_vec(a: Tensor, b: Tensor) -> Tensor:
 
 def _sum_forms(forms: list[StateSpaceForm]) -> StateSpaceForm:
     """Independent components: stacked state, block-diagonal A and P, H concatenated."""
-    batch = torch.broadcast_shapes(*(f.batch_shape for f in forms))
+    batch = _broadcast_shapes(*(f.batch_shape for f in forms))
     H = torch.cat([f.H.expand(*batch, f.state_dim) for f in forms], dim=-1)
     P = _block_diag([f.P_inf for f in forms])
     F = None if any(f.F is None for f in forms) else _block_diag([f.F for f in forms])
