@@ -94,13 +94,19 @@ class StateSpaceForm:
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def _matern_constants(p: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     """Lengthscale-free pieces of the Matérn(p + 1/2) form, built once per (p, dtype, device): training loops
     rebuild the form every step, and these Python-level constructions were most of its cost.
 
     Returns (shift, last, coeff, coeff_power, cov_const, cov_power, eye, H):
-    F = shift + last * (coeff * lam^coeff_power), P_inf = cov_const * lam^cov_power (see below)."""
+    F = shift + last * (coeff * lam^coeff_power), P_inf = cov_const * lam^cov_power (see below).
+    Built outside inference mode: cached inference tensors could not be saved for a later backward pass."""
+    with torch.inference_mode(False):
+        return _build_matern_constants(p, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_matern_constants(p: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     s = p + 1
     kw = {"dtype": dtype, "device": device}
     shift = torch.diag(torch.ones(p, **kw), 1)

@@ -29,6 +29,7 @@ import math
 import numba
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .kalman_compiled import cho_solve, cholesky
 
@@ -147,7 +148,7 @@ def _gain(P, h, r, cv, S):  # pragma: no cover - compiled; cv = P h and S = h·P
 
 # ----------------------------------------------------------------------------------------------- forward
 @jit
-def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar):  # pragma: no cover - compiled
+def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar, smooth=True):  # pragma: no cover
     """Filter + RTS for C chains. A, Q: (T_A, s, s, C), T_A in {1, T} (index 0 of a length-T axis unused);
     P0 (s, s, C); h (s,); D (n, T, C) data (log Z is that of D[0]); r (T, C). Writes the filter's predicted /
     filtered moments, the inverse predictive covariances W and gains J, the smoothed moments, log Z (C,), and
@@ -209,6 +210,8 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar): 
                 ci, cj = cv[i], cv[j]
                 for c in range(C):
                     o[c] = x[c] - ci[c] * cj[c] / S[c]
+    if not smooth:  # the filter's log-likelihood is all the caller needs
+        return 0
     # Rauch-Tung-Striebel
     ms[:, T - 1] = mf[:, T - 1]
     Ps[T - 1] = Pf[T - 1]
@@ -254,11 +257,12 @@ def _forward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, ll, hmean, hvar): 
 # ---------------------------------------------------------------------------------------------- backward
 @jit
 def _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_mean, g_var, g_ll,
-              gA, gQ, gP0, gD, gr):  # pragma: no cover - compiled
+              gA, gQ, gP0, gD, gr, smooth=True):  # pragma: no cover - compiled
     """Vector-Jacobian product of :func:`_forward`'s outputs (h·m^s for every data column (n, T, C),
     h P^s hᵀ (T, C), log Z (C,)) with cotangents g_mean, g_var, g_ll. Accumulates into gA, gQ (shapes of A,
     Q), gP0 and writes gD, gr. Adjoints are written for the operations exactly as :func:`_forward` performs
-    them (no symmetry assumed), in reverse order; a bar (x̄) is the adjoint of x."""
+    them (no symmetry assumed), in reverse order; a bar (x̄) is the adjoint of x. ``smooth=False``: the reverse
+    of the filter alone (for a forward run without the smoother; only g_ll is read)."""
     n, T, C = D.shape
     s = h.shape[0]
     TA = A.shape[0]
@@ -279,60 +283,61 @@ def _backward(A, Q, P0, h, D, r, mp, Pp, mf, Pf, W, J, ms, Ps, g_mean, g_var, g_
     X = np.empty((s, s, C))
     Y = np.empty((s, s, C))
     Dl = np.empty((s, s, C))
-    for t in range(T):
-        for i in range(s):
-            for c in range(C):
-                for k in range(n):
-                    bms[k, t, i, c] = h[i] * g_mean[k, t, c]
-                for j in range(s):
-                    bPs[t, i, j, c] = h[i] * h[j] * g_var[t, c]
-    # ---- RTS in reverse (the forward ran t = T-2 .. 0)
-    for t in range(T - 1):
-        An = A[min(t + 1, TA - 1)]
-        Wt, Jt = W[t + 1], J[t]
-        # m^s_t = m_t + J (m^s_{t+1} - m⁻_{t+1})
-        bJ[:] = 0.0
-        for k in range(n):
-            _acc(bmf[k, t:t + 1], bms[k, t:t + 1], 1.0)
+    if smooth:  # else only log Z has a cotangent (g_mean, g_var unused)
+        for t in range(T):
             for i in range(s):
-                g = bms[k, t, i]
-                for j in range(s):
-                    o, x, y = bJ[i, j], ms[k, t + 1, j], mp[k, t + 1, j]
-                    for c in range(C):
-                        o[c] += g[c] * (x[c] - y[c])
-            for j in range(s):
-                o1, o2 = bms[k, t + 1, j], bmp[k, t + 1, j]
-                for i in range(s):
-                    a, g = Jt[i, j], bms[k, t, i]
-                    for c in range(C):
-                        v = a[c] * g[c]
-                        o1[c] += v
-                        o2[c] -= v
-        # P^s_t = P_t + M Jᵀ, M = J Δ, Δ = P^s_{t+1} - P⁻_{t+1}:
-        # M̄ = P̄^s_t J, J̄ += P̄^s_tᵀ M + M̄ Δᵀ, Δ̄ = Jᵀ M̄
-        _acc(bPf[t], bPs[t], 1.0)
-        for i in range(s):
-            for j in range(s):
-                o, x, y = Dl[i, j], Ps[t + 1, i, j], Pp[t + 1, i, j]
                 for c in range(C):
-                    o[c] = x[c] - y[c]
-        _mm(bPs[t], Jt, X, False, False)  # M̄
-        _mm(Jt, Dl, Y, False, False)  # M
-        _mm(bPs[t], Y, bJ, True, False, 1.0, 1.0)
-        _mm(X, Dl, bJ, False, True, 1.0, 1.0)
-        _mm(Jt, X, AP, True, False)  # Δ̄
-        _acc(bPs[t + 1], AP, 1.0)
-        _acc(bPp[t + 1], AP, -1.0)
-        # J = K W with K = P_t A_{t+1}ᵀ: K̄ = J̄ Wᵀ, W̄ = Kᵀ J̄; P̄_t += K̄ A, Ā += K̄ᵀ P_t; P̄⁻ -= Wᵀ W̄ Wᵀ
-        _mm(bJ, Wt, X, False, True)  # K̄
-        _mm(X, An, bPf[t], False, False, 1.0, 1.0)
-        _mm(X, Pf[t], gA[min(t + 1, TA - 1)], True, False, 1.0, 1.0)
-        _mm(Pf[t], An, X, False, True)  # K
-        _mm(X, bJ, Y, True, False)  # W̄
-        _mm(Wt, Y, X, True, False)
-        _mm(X, Wt, bPp[t + 1], False, True, -1.0, 1.0)
-    _acc(bmf[:, T - 1], bms[:, T - 1], 1.0)  # m^s_{T-1} = m_{T-1}, P^s_{T-1} = P_{T-1}
-    _acc(bPf[T - 1], bPs[T - 1], 1.0)
+                    for k in range(n):
+                        bms[k, t, i, c] = h[i] * g_mean[k, t, c]
+                    for j in range(s):
+                        bPs[t, i, j, c] = h[i] * h[j] * g_var[t, c]
+        # ---- RTS in reverse (the forward ran t = T-2 .. 0)
+        for t in range(T - 1):
+            An = A[min(t + 1, TA - 1)]
+            Wt, Jt = W[t + 1], J[t]
+            # m^s_t = m_t + J (m^s_{t+1} - m⁻_{t+1})
+            bJ[:] = 0.0
+            for k in range(n):
+                _acc(bmf[k, t:t + 1], bms[k, t:t + 1], 1.0)
+                for i in range(s):
+                    g = bms[k, t, i]
+                    for j in range(s):
+                        o, x, y = bJ[i, j], ms[k, t + 1, j], mp[k, t + 1, j]
+                        for c in range(C):
+                            o[c] += g[c] * (x[c] - y[c])
+                for j in range(s):
+                    o1, o2 = bms[k, t + 1, j], bmp[k, t + 1, j]
+                    for i in range(s):
+                        a, g = Jt[i, j], bms[k, t, i]
+                        for c in range(C):
+                            v = a[c] * g[c]
+                            o1[c] += v
+                            o2[c] -= v
+            # P^s_t = P_t + M Jᵀ, M = J Δ, Δ = P^s_{t+1} - P⁻_{t+1}:
+            # M̄ = P̄^s_t J, J̄ += P̄^s_tᵀ M + M̄ Δᵀ, Δ̄ = Jᵀ M̄
+            _acc(bPf[t], bPs[t], 1.0)
+            for i in range(s):
+                for j in range(s):
+                    o, x, y = Dl[i, j], Ps[t + 1, i, j], Pp[t + 1, i, j]
+                    for c in range(C):
+                        o[c] = x[c] - y[c]
+            _mm(bPs[t], Jt, X, False, False)  # M̄
+            _mm(Jt, Dl, Y, False, False)  # M
+            _mm(bPs[t], Y, bJ, True, False, 1.0, 1.0)
+            _mm(X, Dl, bJ, False, True, 1.0, 1.0)
+            _mm(Jt, X, AP, True, False)  # Δ̄
+            _acc(bPs[t + 1], AP, 1.0)
+            _acc(bPp[t + 1], AP, -1.0)
+            # J = K W with K = P_t A_{t+1}ᵀ: K̄ = J̄ Wᵀ, W̄ = Kᵀ J̄; P̄_t += K̄ A, Ā += K̄ᵀ P_t; P̄⁻ -= Wᵀ W̄ Wᵀ
+            _mm(bJ, Wt, X, False, True)  # K̄
+            _mm(X, An, bPf[t], False, False, 1.0, 1.0)
+            _mm(X, Pf[t], gA[min(t + 1, TA - 1)], True, False, 1.0, 1.0)
+            _mm(Pf[t], An, X, False, True)  # K
+            _mm(X, bJ, Y, True, False)  # W̄
+            _mm(Wt, Y, X, True, False)
+            _mm(X, Wt, bPp[t + 1], False, True, -1.0, 1.0)
+        _acc(bmf[:, T - 1], bms[:, T - 1], 1.0)  # m^s_{T-1} = m_{T-1}, P^s_{T-1} = P_{T-1}
+        _acc(bPf[T - 1], bPs[T - 1], 1.0)
     # ---- filter in reverse
     for t in range(T - 1, -1, -1):
         P = Pp[t]
@@ -495,17 +500,20 @@ def _reduce(g, out):  # pragma: no cover - compiled; adjoint of _expand: out (L,
 # ------------------------------------------------------------------ noise factors (Cholesky) and adjoint
 @jit
 def _factors(Q, P0, G, G0):  # pragma: no cover - compiled
-    """G0 = chol P0 and G = chol(Q + 1e-12 max|diag Q| I) per latent (and step), the factors (and jitter) of
-    :func:`latentgp.variational.cvi.process_noise_factors`. Q, G (L, T_, s, s); P0, G0 (L, 1, s, s)."""
+    """G0 = chol P0 and G = chol(Q + 1e-12 max|diag Q| I) per latent and step, max over all latents: the factors
+    and jitter of :func:`latentgp.variational.cvi.noise_factors` on the joint state. Q, G (L, T_, s, s); P0, G0
+    (L, 1, s, s)."""
     s = Q.shape[2]
     Qj = np.empty((s, s))
     for l in range(Q.shape[0]):
         if not cholesky(P0[l, 0], G0[l, 0]):
             return False
-        for t in range(Q.shape[1]):
-            scale = 0.0
+    for t in range(Q.shape[1]):
+        scale = 0.0  # over every latent: the scans factor the joint (block-diagonal) state
+        for l in range(Q.shape[0]):
             for i in range(s):
                 scale = max(scale, abs(Q[l, t, i, i]))
+        for l in range(Q.shape[0]):
             for i in range(s):
                 for j in range(s):
                     Qj[i, j] = Q[l, t, i, j] + (1e-12 * scale + 1e-300 if i == j else 0.0)
@@ -688,6 +696,7 @@ class _SitePosterior(torch.autograd.Function):
         return tuple(torch.from_numpy(o).to(mean.dtype) for o in outs)
 
     @staticmethod
+    @once_differentiable  # the hand-written reverse pass is not itself differentiable: refuse, do not drop terms
     def backward(ctx, g_mean, g_var, g_kl, g_log_z, g_draws):
         G0, G, chains, hv, noise, (y, r, eps_d, x, _, D), state, hm, hvar = ctx.saved
         B, T, L, S, dtype, shapes = ctx.dims
@@ -721,7 +730,7 @@ def site_posterior_and_samples(A, Q, P0, h, mean, precision, eps, noise):
 
 
 class _PathLogProb(torch.autograd.Function):
-    """See :func:`path_log_prob`: the filter of :func:`_forward` with r = 0 on the data column z."""
+    """See :func:`path_log_prob`: the filter of :func:`_forward` (no smoother) with r = 0 on the data column z."""
 
     @staticmethod
     def forward(ctx, A, Q, P0, h, z):
@@ -737,13 +746,15 @@ class _PathLogProb(torch.autograd.Function):
                  np.empty((T, s, s, C)), np.empty((T, s, s, C)), np.empty((1, T, s, C)), np.empty((T, s, s, C))]
         ll = np.empty(C)
         hv = _np(h)
-        if _forward(chains[0], chains[1], chains[2][0], hv, D, r, *state, ll, np.empty((1, T, C)), np.empty((T, C))):
+        if _forward(chains[0], chains[1], chains[2][0], hv, D, r, *state, ll, np.empty((1, T, C)), np.empty((T, C)),
+                    False):
             raise NotPositiveDefinite("a predictive covariance is not positive definite")
         ctx.saved = (chains, hv, D, r, state)
         ctx.dims = (B, T, L, z.dtype, [x.shape for x in (A, Q, P0)])
         return torch.from_numpy(ll.reshape(B, L).sum(1)).to(z.dtype)
 
     @staticmethod
+    @once_differentiable  # the hand-written reverse pass is not itself differentiable: refuse, do not drop terms
     def backward(ctx, g):
         chains, hv, D, r, state = ctx.saved
         B, T, L, dtype, shapes = ctx.dims
@@ -751,7 +762,7 @@ class _PathLogProb(torch.autograd.Function):
         grads = [np.zeros(c.shape) for c in chains]
         gD, gr = np.empty(D.shape), np.empty(r.shape)
         _backward(chains[0], chains[1], chains[2][0], hv, D, r, *state, np.zeros((1, T, C)), np.zeros((T, C)),
-                  np.repeat(_np(g), L), grads[0], grads[1], grads[2][0], gD, gr)
+                  np.repeat(_np(g), L), grads[0], grads[1], grads[2][0], gD, gr, False)
         out = []
         for gc, sh in zip(grads, shapes, strict=True):
             gp = np.zeros((L, gc.shape[0], s, s))

@@ -184,9 +184,9 @@ DENSE_BUDGET = 2 ** 24  # entries of one (sequences, latents, T, T) temporary of
 
 
 def gp_prior(kernel, times: torch.Tensor, dense_max: int = 0, batch: int = 1):
-    """The prior in the form its posterior is cheapest in: dense (K, M) for T <= ``dense_max`` (a few large
-    batched calls), state space otherwise (O(T) Kalman scans, whose many small calls dominate at short T).
-    The dense path also needs ``batch`` x latents x T² <= ``DENSE_BUDGET`` (its T x T temporaries)."""
+    """The prior for :func:`posterior_and_samples`: dense (K, M) for T <= ``dense_max`` (O(T³), the test twin),
+    state space otherwise (O(T): the compiled Kalman pass, or the scans). The dense path also needs ``batch`` x
+    latents x T² <= ``DENSE_BUDGET`` (its T x T temporaries)."""
     from .amortised_dense import dense_prior
 
     T, L = len(times), int(kernel.batch_shape.numel())

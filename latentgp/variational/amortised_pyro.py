@@ -48,10 +48,21 @@ class _PathDistribution(TorchDistribution):
         return super().expand(batch_shape, _instance)
 
 
+def _compiled_sites():
+    """:mod:`latentgp.linalg.kalman_sites`, or None where numba cannot be imported (then the scans run)."""
+    try:
+        from ..linalg import kalman_sites
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return kalman_sites
+
+
 def _same_prior(a, b) -> bool:
     if a is b:
         return True
     if type(a) is not type(b):
+        return False
+    if isinstance(a, MarkovPrior) and a.n_steps != b.n_steps:  # a regular grid's (A, Q) do not show its length
         return False
     pairs = ((a.K, b.K),) if isinstance(a, DensePrior) else ((a.A, b.A), (a.Q, b.Q), (a.P0, b.P0), (a.H, b.H))
     return all(x.shape == y.shape and torch.equal(x, y) for x, y in pairs)
@@ -82,13 +93,12 @@ class GPPathPrior(_PathDistribution):
             half_logdet = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
             return (-0.5 * (w * w).sum(-1) - half_logdet - 0.5 * T * math.log(2 * math.pi)).sum(-1)
         p = self.prior  # the path is the noiseless observation H x_t of the state-space model
-        if z.device.type == "cpu":  # compiled filter, hand-written gradient (the scans' call overhead dominates)
+        compiled = _compiled_sites() if z.device.type == "cpu" else None
+        if compiled is not None:  # compiled filter, hand-written gradient (the scans' call overhead dominates)
             try:
-                from ..linalg.kalman_sites import NotPositiveDefinite, path_log_prob
-
                 flat = z.reshape(-1, *z.shape[-2:])
-                return path_log_prob(p.A, p.Q, p.P0, p.H[0].detach(), flat).reshape(z.shape[:-2])
-            except (ImportError, NotPositiveDefinite):
+                return compiled.path_log_prob(p.A, p.Q, p.P0, p.H[0].detach(), flat).reshape(z.shape[:-2])
+            except compiled.NotPositiveDefinite:
                 pass
         R = zl.new_zeros(zl.shape[-1], 1, 1)
         return kalman_filter(p.A, p.Q, p.H, R, zl.unsqueeze(-1), p.P0).log_likelihood.sum(-1)
