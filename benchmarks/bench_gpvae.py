@@ -138,30 +138,35 @@ def step_costs(repeats: int, cases) -> list[dict]:
     return rows
 
 
+def _fit_fns(Y, batch: int, steps: int):
+    """(GPVAE fit, plain-VAE fit through the same loop) on Y (N, T, D) with ``steps`` minibatches of ``batch``."""
+    from latentgp.fit import optimize
+    from latentgp.models.vae_parts import minibatches
+
+    N, T = Y.shape[:2]
+
+    def gp():
+        GPVAE(3).fit(Y, steps=steps, batch_size=batch, progress=False, seed=0)
+
+    def plain():
+        m = GPVAE(3).fit(Y, steps=0, progress=False, seed=0)  # builds the same default networks
+        y, batches = m._train, minibatches(N, batch)
+
+        def loss():
+            idx = next(batches)
+            return plain_vae_loss(m, y[idx]) / (len(idx) * T)
+        optimize(loss, list(m.net.parameters()), method="adam", steps=steps, lr=0.01, progress=False)
+    return gp, plain
+
+
 def epoch_costs(rounds: int, cases, epochs: int = 10) -> list[dict]:
     """Per (sequences N, T, batch): wall time per epoch of ``GPVAE.fit`` (``epochs`` passes, history and the
     final posterior included) and of the same networks trained as a plain VAE through the same loop
     (``latentgp.fit.optimize``, Adam, same minibatch sizes), interleaved over ``rounds``."""
-    from latentgp.fit import optimize
-    from latentgp.models.vae_parts import minibatches
-
     rows = []
     rng = np.random.default_rng(1)
     for N, T, batch in cases:
-        Y = rng.standard_normal((N, T, 20))
-        steps = epochs * (N // batch)
-
-        def gp():
-            GPVAE(3).fit(Y, steps=steps, batch_size=batch, progress=False, seed=0)
-
-        def plain():
-            m = GPVAE(3).fit(Y, steps=0, progress=False, seed=0)  # builds the same default networks
-            y, batches = m._train, minibatches(N, batch)
-
-            def loss():
-                idx = next(batches)
-                return plain_vae_loss(m, y[idx]) / (len(idx) * T)
-            optimize(loss, list(m.net.parameters()), method="adam", steps=steps, lr=0.01, progress=False)
+        gp, plain = _fit_fns(rng.standard_normal((N, T, 20)), batch, epochs * (N // batch))
         t = time_interleaved({"gp": gp, "plain": plain}, repeats=rounds, warmup=0)
         rows.append({"what": f"epoch, {N} sequences x T={T}, batch {batch}, D=20, L=3",
                      "GPVAE ms/epoch": 1e3 * median(t["gp"]) / epochs,

@@ -245,3 +245,30 @@ def test_property_semigroup_and_psd(p, log_l, dt1, dt2):
     scale = form.P_inf.diagonal().max()
     assert torch.linalg.eigvalsh(form.process_noise(d1 + d2)).min() > -1e-10 * scale
     assert abs(form.covariance(d1).item() - matern_ref(d1, math.exp(log_l), p).item()) < TOL
+
+
+@pytest.mark.parametrize("make", [lambda nu: Matern(nu=nu, batch_shape=torch.Size([3])),
+                                  lambda nu: gpytorch.kernels.MaternKernel(nu=nu, batch_shape=torch.Size([3]))])
+@pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
+def test_bare_matern_fast_path_matches_the_form(make, nu):
+    """The one-node discretisation of a bare Matérn (closed-form d/dlambda in numpy) gives the form's A, Q, P_inf
+    and the same lengthscale gradients as autograd through matern_state_space(...).discretise(...)."""
+    from latentgp.kernels.state_space import bare_matern_discretised
+
+    kernel = make(nu).double()
+    with torch.no_grad():
+        kernel.lengthscale = torch.tensor([0.7, 2.0, 9.0], dtype=torch.float64).reshape(3, 1, 1)
+    dt = torch.tensor([0.0, 0.05, 0.3, 1.0, 4.0], dtype=torch.float64)
+    A, Q, P, H = bare_matern_discretised(kernel, dt)
+    form = state_space_form(kernel)
+    A_ref, Q_ref = form.discretise(dt)
+    for got, want in ((A, A_ref), (Q, Q_ref), (P, form.P_inf), (H, form.H[0])):
+        assert torch.allclose(got, want, atol=1e-12, rtol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (A, Q, P)]
+
+    def grad(outs):
+        return torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, w, strict=True)), kernel.raw_lengthscale)[0]
+    g_fast, g_ref = grad((A, Q, P)), grad((A_ref, Q_ref, form.P_inf))
+    assert torch.allclose(g_fast, g_ref, atol=1e-12, rtol=1e-10) and g_ref.abs().min() > 1e-3
+    assert bare_matern_discretised(gpytorch.kernels.ScaleKernel(kernel), dt) is None  # composite: the form

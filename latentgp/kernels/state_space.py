@@ -298,3 +298,76 @@ def state_space_form(kernel) -> StateSpaceForm:
                             "(0.5, 1.5, 2.5, ...) for an exact state space.")
         return matern_state_space(nu, kernel.lengthscale)
     raise _unsupported(kernel)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast path: a bare Matérn(p + 1/2) discretised on a grid, with a closed-form derivative in lambda
+# ---------------------------------------------------------------------------------------------------
+
+
+class _MaternDiscretised(torch.autograd.Function):
+    """(A(dt), Q(dt), P_inf) of unit-variance Matérn(p + 1/2) forms with lengthscales ``ls`` (L,) at steps ``dt``
+    (K,): the numbers of ``matern_state_space(nu, ls).discretise(dt)``, computed in numpy with d/dlambda alongside
+    (A = e^(-lam dt) sum_k (N dt)^k / k!, N = F + lam I nilpotent, d(N^k) = d(N^(k-1)) N + N^(k-1) dN), so a
+    training step records one autograd node for the prior instead of a few dozen small ones."""
+
+    @staticmethod
+    def forward(ctx, ls, dt, p: int):
+        s = p + 1
+        ls_, dt_ = ls.detach().cpu().numpy().astype(np.float64), dt.detach().cpu().numpy().astype(np.float64)
+        lam = math.sqrt(2.0 * p + 1.0) / ls_  # (L,)
+        k = np.arange(s)
+        coeff = np.array([-float(math.comb(s, j)) for j in range(s)])
+        N = np.zeros((len(lam), s, s))
+        N[:, np.arange(p), np.arange(1, s)] = 1.0
+        N[:, -1, :] = coeff * lam[:, None] ** (s - k)
+        dN = np.zeros_like(N)
+        dN[:, -1, :] = coeff * (s - k) * lam[:, None] ** np.maximum(s - k - 1, 0)
+        N += lam[:, None, None] * np.eye(s)
+        dN += np.eye(s)
+        powers, dpowers = [np.broadcast_to(np.eye(s), N.shape)], [np.zeros_like(N)]
+        for _ in range(p):
+            dpowers.append(dpowers[-1] @ N + powers[-1] @ dN)
+            powers.append(powers[-1] @ N)
+        taylor = dt_[:, None] ** k / np.array([math.factorial(j) for j in range(s)])  # (K, s)
+        series = np.einsum("tk,klij->ltij", taylor, np.stack(powers))
+        dseries = np.einsum("tk,klij->ltij", taylor, np.stack(dpowers))
+        decay = np.exp(-lam[:, None] * dt_[None, :])[..., None, None]  # (L, K, 1, 1)
+        A = decay * series
+        dA = decay * (dseries - dt_[None, :, None, None] * series)
+        constants = _matern_constants(p, torch.float64, torch.device("cpu"))
+        cov_const, cov_power = constants[4].numpy(), constants[5].numpy()
+        P = cov_const * lam[:, None, None] ** cov_power
+        dP = cov_const * cov_power * lam[:, None, None] ** np.maximum(cov_power - 1, 0)
+        APAt = A @ P[:, None] @ np.swapaxes(A, -1, -2)
+        Q = P[:, None] - APAt
+        dAPAt = dA @ P[:, None] @ np.swapaxes(A, -1, -2)
+        dQ = dP[:, None] - dAPAt - np.swapaxes(dAPAt, -1, -2) - A @ dP[:, None] @ np.swapaxes(A, -1, -2)
+        Q, dQ = 0.5 * (Q + np.swapaxes(Q, -1, -2)), 0.5 * (dQ + np.swapaxes(dQ, -1, -2))
+        ctx.derivs = (dA, dQ, dP, lam, ls_)
+        return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(ls.dtype) for x in (A, Q, P))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gA, gQ, gP):
+        dA, dQ, dP, lam, ls_ = ctx.derivs
+        g_lam = np.zeros_like(lam)
+        for g, d in ((gA, dA), (gQ, dQ), (gP, dP)):
+            if g is not None:
+                g_lam += (g.detach().cpu().numpy() * d).reshape(len(lam), -1).sum(1)
+        return torch.from_numpy(g_lam * (-lam / ls_)).to(gA.dtype if gA is not None else torch.float64), None, None
+
+
+def bare_matern_discretised(kernel, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(A (L, K, s, s), Q, P_inf (L, s, s), H (s,)) of ``state_space_form(kernel)`` discretised at steps ``dt``
+    (K,) for a bare (unscaled, unsummed) ``Matern`` / ``MaternKernel`` with nu = p + 1/2 and batch_shape (L,) on
+    the CPU, through one autograd node (:class:`_MaternDiscretised`); None for any other kernel (use the form)."""
+    if not isinstance(kernel, (Matern, gpytorch.kernels.MaternKernel)) or len(kernel.batch_shape) != 1:
+        return None
+    p = _half_integer_order(float(kernel.nu))
+    ls = kernel.lengthscale
+    if p is None or ls.shape[-2:] != (1, 1) or ls.device.type != "cpu":
+        return None
+    A, Q, P = _MaternDiscretised.apply(ls.reshape(-1), dt, p)
+    H = _matern_constants(p, ls.dtype, ls.device)[7]
+    return A, Q, P, H

@@ -681,7 +681,8 @@ class _SitePosterior(torch.autograd.Function):
             (prior[0].shape, prior[1].shape, prior[2].shape, prior[0].shape, G0.shape, G.shape),
             (B, B, B, S * B, S * B, S * B), strict=True))
         inputs = [np.ascontiguousarray(_np(x)) for x in (mean, precision)]
-        inputs += [np.ascontiguousarray(_np(eps)).reshape(T, S, C, s), np.ascontiguousarray(_np(noise)).reshape(S, C, T)]
+        inputs += [np.ascontiguousarray(_np(eps)).reshape(T, S, C, s),
+                   np.ascontiguousarray(_np(noise)).reshape(S, C, T)]
         work = [np.empty((T, C)), np.empty((T, C)), np.empty((T, s, S * C)), np.empty((T, s, S * C)),
                 np.empty((T, S * C)), np.empty((n, T, C))]  # y, r, eps_d, x, f, D
         state = [np.empty((n, T, s, C)), np.empty((T, s, s, C)), np.empty((n, T, s, C)), np.empty((T, s, s, C)),

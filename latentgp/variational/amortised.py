@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import spectral_density, state_space_form
+from ..kernels.state_space import bare_matern_discretised
 from ..linalg.kalman import kalman_smoother
 from .cvi import (
     Sites,
@@ -80,9 +81,12 @@ def markov_prior(kernel, times: torch.Tensor) -> MarkovPrior:
     Each latent is smoothed as its own batch entry (state dim s, closed-form 2x2 algebra for
     Matérn-3/2) rather than as one joint state of dim L·s; this needs H to be common to all latents,
     as it is for Matérn / Hida-Matérn forms. On a regular grid A and Q are one time-invariant pair."""
-    form = state_space_form(kernel)
     step = regular_step(times)
     dt = time_steps(times) if step is None else step
+    fast = bare_matern_discretised(kernel, dt)  # the default GP-VAE kernel: one autograd node
+    if fast is not None:
+        return MarkovPrior(*fast[:3], fast[3][None], len(times))
+    form = state_space_form(kernel)
     s = form.state_dim
     H = form.H.reshape(-1, s)
     if not torch.equal(H, H[:1].expand_as(H)):
@@ -144,7 +148,9 @@ def compiled_posterior_and_samples(prior: MarkovPrior, mean: torch.Tensor, preci
         from ..linalg.kalman_sites import NotPositiveDefinite, site_posterior_and_samples
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
-    if mean.device.type != "cpu" or not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
+    if mean.device.type != "cpu":
+        return None
+    if not bool(((precision > 0) & torch.isfinite(precision) & torch.isfinite(mean)).all()):
         return None
     try:
         m, var, kl, log_z, draws = site_posterior_and_samples(prior.A, prior.Q, prior.P0, prior.H[0].detach(),
