@@ -345,6 +345,7 @@ class _MaternDiscretised(torch.autograd.Function):
         dQ = dP[:, None] - dAPAt - np.swapaxes(dAPAt, -1, -2) - A @ dP[:, None] @ np.swapaxes(A, -1, -2)
         Q, dQ = 0.5 * (Q + np.swapaxes(Q, -1, -2)), 0.5 * (dQ + np.swapaxes(dQ, -1, -2))
         ctx.derivs = (dA, dQ, dP, lam, ls_)
+        ctx.dtype = ls.dtype
         return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(ls.dtype) for x in (A, Q, P))
 
     @staticmethod
@@ -355,7 +356,7 @@ class _MaternDiscretised(torch.autograd.Function):
         for g, d in ((gA, dA), (gQ, dQ), (gP, dP)):
             if g is not None:
                 g_lam += (g.detach().cpu().numpy() * d).reshape(len(lam), -1).sum(1)
-        return torch.from_numpy(g_lam * (-lam / ls_)).to(gA.dtype if gA is not None else torch.float64), None, None
+        return torch.from_numpy(g_lam * (-lam / ls_)).to(ctx.dtype), None, None  # lam = sqrt(2p + 1) / ls
 
 
 def bare_matern_discretised(kernel, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
