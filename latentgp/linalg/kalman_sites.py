@@ -17,7 +17,8 @@ O(T s³) per chain in both directions, no Python loop. Arrays are laid out chain
 sequences x latents, so every elementary operation is a loop over all chains at once (vectorised by the
 compiler; the s x s loops are tiny, and unrolled for s = 2). The prior path draws of Matheron's rule,
 x_t = A_t x_{t-1} + chol(Q_t) ε_t, their noise factors, the KL and the layout changes get the same treatment:
-one compiled call forwards and one backwards (:func:`site_posterior_and_samples`). Only scalar sites with
+one compiled call forwards and one backwards (:func:`site_posterior_and_samples`); :func:`path_log_prob` is the
+filter alone with r = 0 (log p(z) of a noiseless path, Pyro's latent-site density). Only scalar sites with
 0 < r < ∞ and a constant observation row h; :mod:`latentgp.variational.amortised` falls back to the scans
 otherwise, and when a covariance is not numerically positive definite (the scans' jitter policy handles it).
 The first call after an install compiles for ~25 s; the machine code is cached next to this file.
