@@ -152,3 +152,15 @@ def test_second_derivatives_are_refused():
     (g,) = torch.autograd.grad(lp.sum(), mean, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_regular_step_tolerates_rounding_of_the_times():
+    """Evenly spaced grids whose times carry rounding (float32, offsets) keep the time-invariant (A, Q)."""
+    from latentgp.variational.amortised import regular_step
+
+    assert regular_step(torch.arange(100, dtype=torch.float32) * 0.02) is not None
+    assert regular_step(5 + torch.arange(10000, dtype=DT) * 1e-3) is not None
+    times = torch.arange(50, dtype=DT)
+    times[20] += 1e-6  # a real irregularity
+    assert regular_step(times) is None
+    assert torch.allclose(regular_step(torch.linspace(0, 3, 31, dtype=DT)), torch.tensor([0.1], dtype=DT))

@@ -272,3 +272,23 @@ def test_bare_matern_fast_path_matches_the_form(make, nu):
     g_fast, g_ref = grad((A, Q, P)), grad((A_ref, Q_ref, form.P_inf))
     assert torch.allclose(g_fast, g_ref, atol=1e-12, rtol=1e-10) and g_ref.abs().min() > 1e-3
     assert bare_matern_discretised(gpytorch.kernels.ScaleKernel(kernel), dt) is None  # composite: the form
+    assert bare_matern_discretised(kernel, dt.clone().requires_grad_(True)) is None  # d/dt: the form
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bare_matern_fast_path_higher_order_and_float32(dtype):
+    """nu = 7/2 (s = 4) and float32: same numbers as the form, gradients in the lengthscale's dtype."""
+    from latentgp.kernels.state_space import bare_matern_discretised
+
+    kernel = Matern(nu=3.5, batch_shape=torch.Size([2])).to(dtype)
+    with torch.no_grad():
+        kernel.lengthscale = torch.tensor([1.5, 6.0], dtype=dtype).reshape(2, 1, 1)
+    dt = torch.tensor([0.0, 0.4, 2.0], dtype=dtype)
+    A, Q, P, _ = bare_matern_discretised(kernel, dt)
+    A_ref, Q_ref = state_space_form(kernel).discretise(dt)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(A, A_ref, atol=tol, rtol=tol) and torch.allclose(Q, Q_ref, atol=tol, rtol=tol)
+    g = torch.autograd.grad((A.sum() + Q.sum() + P.sum()), kernel.raw_lengthscale)[0]
+    g_ref = torch.autograd.grad((A_ref.sum() + Q_ref.sum() + state_space_form(kernel).P_inf.sum()),
+                                kernel.raw_lengthscale)[0]
+    assert g.dtype == dtype and torch.allclose(g, g_ref, atol=tol, rtol=100 * tol)

@@ -100,7 +100,8 @@ def _matern_constants(p: int, dtype: torch.dtype, device: torch.device) -> tuple
 
     Returns (shift, last, coeff, coeff_power, cov_const, cov_power, eye, H):
     F = shift + last * (coeff * lam^coeff_power), P_inf = cov_const * lam^cov_power (see below).
-    Built outside inference mode: cached inference tensors could not be saved for a later backward pass."""
+    Built outside inference mode: cached inference tensors could not be saved for a later backward pass. The
+    cached tensors are shared: never modify them in place (callers get copies or new tensors)."""
     with torch.inference_mode(False):
         return _build_matern_constants(p, dtype, device)
 
@@ -180,7 +181,7 @@ def matern_state_space(nu: float, lengthscale) -> StateSpaceForm:
         return torch.exp(-lam.unsqueeze(-3) * dt[..., None, None]) * series
 
     P = _matern_stationary_cov(lam, p)
-    return StateSpaceForm(P, H.expand(*lam.shape[:-2], s), transition_fn, F)
+    return StateSpaceForm(P, H.clone().expand(*lam.shape[:-2], s), transition_fn, F)  # not a view of the cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,12 +364,12 @@ def bare_matern_discretised(kernel, dt: Tensor) -> tuple[Tensor, Tensor, Tensor,
     """(A (L, K, s, s), Q, P_inf (L, s, s), H (s,)) of ``state_space_form(kernel)`` discretised at steps ``dt``
     (K,) for a bare (unscaled, unsummed) ``Matern`` / ``MaternKernel`` with nu = p + 1/2 and batch_shape (L,) on
     the CPU, through one autograd node (:class:`_MaternDiscretised`); None for any other kernel (use the form)."""
-    if not isinstance(kernel, (Matern, gpytorch.kernels.MaternKernel)) or len(kernel.batch_shape) != 1:
+    if (not isinstance(kernel, (Matern, gpytorch.kernels.MaternKernel)) or len(kernel.batch_shape) != 1
+            or dt.requires_grad):  # the node differentiates in the lengthscale only
         return None
     p = _half_integer_order(float(kernel.nu))
     ls = kernel.lengthscale
     if p is None or ls.shape[-2:] != (1, 1) or ls.device.type != "cpu":
         return None
     A, Q, P = _MaternDiscretised.apply(ls.reshape(-1), dt, p)
-    H = _matern_constants(p, ls.dtype, ls.device)[7]
-    return A, Q, P, H
+    return A, Q, P, _matern_constants(p, ls.dtype, ls.device)[7].clone()  # the cached constant stays private

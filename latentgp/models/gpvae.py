@@ -36,12 +36,9 @@ from ..fit import optimize, run_svi, seeded, torch_threads
 from ..io import register_model, saved_dtype
 from ..kernels import Matern, state_space_form
 from ..variational.amortised import (
-    diagonal_sites,
     gp_prior,
-    markov_posterior,
     markov_prior,
     posterior_and_samples,
-    sample_markov_posterior,
 )
 from .base import Model
 from .vae_parts import (
@@ -102,7 +99,7 @@ class GPVAE(Model):
         Training on sequences of at most this many steps computes q and its KL with dense T x T matrices
         (one Cholesky per sequence and latent; not when a minibatch's T x T temporaries would exceed 128 MiB),
         longer ones with the O(T) Kalman smoother. Both are exact. Default 0 = always Kalman: its compiled
-        pass is faster than the dense one at every length measured (see BENCHMARKS.md).
+        pass is 3-4x faster per training step than the dense one at T = 100 (BENCHMARKS.md), and O(T).
     """
 
     def __init__(self, latent_dim: int, kernel=None, encoder=None, decoder=None, likelihood="gaussian", *,
@@ -311,7 +308,7 @@ class GPVAE(Model):
 
     def _infer(self, y):
         prior = markov_prior(self.net.kernel, self._times)
-        return markov_posterior(prior, diagonal_sites(*self._encode(y)))
+        return posterior_and_samples(prior, *self._encode(y), 0)[0]  # compiled pass (the scans if it cannot run)
 
     def _new(self, Y):
         """Validated new sequences (same length and features as the training data) as a tensor."""
@@ -352,7 +349,7 @@ class GPVAE(Model):
         num_samples = check_int(num_samples, "num_samples", 1)
         with torch.no_grad(), seeded(seed):
             prior = markov_prior(self.net.kernel, self._times)
-            return sample_markov_posterior(prior, diagonal_sites(*self._encode(y)), num_samples).numpy()
+            return posterior_and_samples(prior, *self._encode(y), num_samples)[1].numpy()
 
     def elbo(self, Y=None, num_samples: int = 64, seed=None) -> float:
         """ELBO (nats, summed over sequences) with ``num_samples`` draws for the likelihood term."""
