@@ -308,9 +308,10 @@ def state_space_form(kernel) -> StateSpaceForm:
 
 class _MaternDiscretised(torch.autograd.Function):
     """(A(dt), Q(dt), P_inf) of unit-variance Matérn(p + 1/2) forms with lengthscales ``ls`` (L,) at steps ``dt``
-    (K,): the numbers of ``matern_state_space(nu, ls).discretise(dt)``, computed in numpy with d/dlambda alongside
-    (A = e^(-lam dt) sum_k (N dt)^k / k!, N = F + lam I nilpotent, d(N^k) = d(N^(k-1)) N + N^(k-1) dN), so a
-    training step records one autograd node for the prior instead of a few dozen small ones."""
+    (K,): the numbers of ``matern_state_space(nu, ls).discretise(dt)``, computed with d/dlambda alongside
+    (A = e^(-lam dt) sum_k (N dt)^k / k!, N = F + lam I nilpotent, d(N^k) = d(N^(k-1)) N + N^(k-1) dN; the per-step
+    part compiled, :mod:`latentgp.kernels._matern_compiled`), so a training step records one autograd node for
+    the prior instead of a few dozen small ones."""
 
     @staticmethod
     def forward(ctx, ls, dt, p: int):
@@ -330,21 +331,14 @@ class _MaternDiscretised(torch.autograd.Function):
         for _ in range(p):
             dpowers.append(dpowers[-1] @ N + powers[-1] @ dN)
             powers.append(powers[-1] @ N)
-        taylor = dt_[:, None] ** k / np.array([math.factorial(j) for j in range(s)])  # (K, s)
-        series = np.einsum("tk,klij->ltij", taylor, np.stack(powers))
-        dseries = np.einsum("tk,klij->ltij", taylor, np.stack(dpowers))
-        decay = np.exp(-lam[:, None] * dt_[None, :])[..., None, None]  # (L, K, 1, 1)
-        A = decay * series
-        dA = decay * (dseries - dt_[None, :, None, None] * series)
+        from ._matern_compiled import discretise_steps
+
         constants = _matern_constants(p, torch.float64, torch.device("cpu"))
         cov_const, cov_power = constants[4].numpy(), constants[5].numpy()
         P = cov_const * lam[:, None, None] ** cov_power
         dP = cov_const * cov_power * lam[:, None, None] ** np.maximum(cov_power - 1, 0)
-        APAt = A @ P[:, None] @ np.swapaxes(A, -1, -2)
-        Q = P[:, None] - APAt
-        dAPAt = dA @ P[:, None] @ np.swapaxes(A, -1, -2)
-        dQ = dP[:, None] - dAPAt - np.swapaxes(dAPAt, -1, -2) - A @ dP[:, None] @ np.swapaxes(A, -1, -2)
-        Q, dQ = 0.5 * (Q + np.swapaxes(Q, -1, -2)), 0.5 * (dQ + np.swapaxes(dQ, -1, -2))
+        A, dA, Q, dQ = (np.empty((len(lam), len(dt_), s, s)) for _ in range(4))
+        discretise_steps(np.ascontiguousarray(np.stack(powers)), np.stack(dpowers), lam, dt_, P, dP, A, dA, Q, dQ)
         ctx.derivs = (dA, dQ, dP, lam, ls_)
         ctx.dtype = ls.dtype
         return tuple(torch.from_numpy(np.ascontiguousarray(x)).to(ls.dtype) for x in (A, Q, P))

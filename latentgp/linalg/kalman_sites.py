@@ -524,25 +524,26 @@ def _factors(Q, P0, G, G0):  # pragma: no cover - compiled
 
 
 @jit
-def _cholesky_adjoint(G, gG, gS):  # pragma: no cover - compiled
+def _cholesky_adjoint(G, gG, gS, scratch):  # pragma: no cover - compiled
     """gS += the gradient with respect to S (symmetric) of ⟨gG, chol S⟩ at G = chol S:
-    ½ (X + Xᵀ), X = G⁻ᵀ Φ(Gᵀ gG) G⁻¹, Φ = lower triangle with the diagonal halved."""
+    ½ (X + Xᵀ), X = G⁻ᵀ Φ(Gᵀ gG) G⁻¹, Φ = lower triangle with the diagonal halved. ``scratch``: (3, s, s)
+    work space (one step per call on irregular grids: no allocation in the loop)."""
     s = G.shape[0]
-    inv = np.zeros((s, s))  # G⁻¹ (lower triangular)
+    inv, phi, X = scratch[0], scratch[1], scratch[2]
+    inv[:] = 0.0  # G⁻¹ (lower triangular)
+    phi[:] = 0.0
     for k in range(s):
         for i in range(k, s):
             acc = 1.0 if i == k else 0.0
             for q in range(k, i):
                 acc -= G[i, q] * inv[q, k]
             inv[i, k] = acc / G[i, i]
-    phi = np.zeros((s, s))
     for i in range(s):
         for j in range(i + 1):
             acc = 0.0
             for q in range(s):
                 acc += G[q, i] * gG[q, j]
             phi[i, j] = 0.5 * acc if i == j else acc
-    X = np.zeros((s, s))
     for i in range(s):
         for j in range(s):
             acc = 0.0
@@ -654,10 +655,11 @@ def _posterior_backward(F0, F, chains, h, noise, y, r, eps_d, x, D, mp, Pp, mf, 
     g_full = (g_prior[0], g_prior[1], g_prior[2], g_F0, g_F)
     for k in range(6):
         _reduce((gA, gQ, gP0, gAd, gG0, gG)[k], g_full[(0, 1, 2, 0, 3, 4)[k]])
+    scratch = np.empty((3,) + F.shape[2:])
     for l in range(F.shape[0]):  # through the noise factors F0 = chol P0, F = chol Q
-        _cholesky_adjoint(F0[l, 0], g_F0[l, 0], g_prior[2][l, 0])
+        _cholesky_adjoint(F0[l, 0], g_F0[l, 0], g_prior[2][l, 0], scratch)
         for t in range(F.shape[1]):
-            _cholesky_adjoint(F[l, t], g_F[l, t], g_prior[1][l, t])
+            _cholesky_adjoint(F[l, t], g_F[l, t], g_prior[1][l, t], scratch)
 
 
 # ---------------------------------------------------------------------------------------- torch wrappers
